@@ -1,0 +1,1 @@
+"""The PX definition: streams, scaled arithmetic and the score."""

@@ -1,0 +1,154 @@
+"""``px_scores``: PX scores of every prunable weight of a stock model (px-spec.md).
+
+The data enter the score only through ``v = sum over all samples of z1`` (architecture.md):
+1. data pass: for each batch, stream A records the ReLU gates and stream B accumulates
+   its output into ``v`` (no autograd, memory of one batch);
+2. kernel pass: stream C on one all-ones sample and one vector-Jacobian product with
+   cotangent ``v``; its weight gradients ``G_l`` give ``S_l = |G_l| * W_l**2``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from pxkern.data import iter_batches
+from pxkern.px.scaled import Exponents
+from pxkern.px.streams import (
+    Stream,
+    StreamState,
+    evaluation_state,
+    kept_module_names,
+    run_stream,
+    stream_buffers,
+    stream_parameters,
+)
+from pxkern.weights import last_linear_name, prunable_weights, resolve_masks
+
+BN_MODES = ("eval", "batch")
+
+
+class _ScaledSum:
+    """A float64 running sum of power-of-two scaled tensors (the data vector ``v``)."""
+
+    def __init__(self) -> None:
+        self.mantissa: torch.Tensor | None = None
+        self.exponent = 0
+
+    def add(self, mantissa: torch.Tensor, exponent: int) -> None:
+        mantissa = mantissa.double()
+        if self.mantissa is None:
+            self.mantissa, self.exponent = mantissa, exponent
+            return
+        common = max(self.exponent, exponent)
+        self.mantissa = (self.mantissa * math.ldexp(1.0, self.exponent - common)
+                         + mantissa * math.ldexp(1.0, exponent - common))
+        self.exponent = common
+
+
+def _validate(model: nn.Module, bn: str, dtype: torch.dtype) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+
+
+def px_scores(
+    model: nn.Module,
+    data: torch.Tensor | Iterable[Any],
+    *,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    bn: str = "eval",
+    keep: Iterable[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """PX scores of the prunable weights of ``model`` (px-spec.md sections 2-3, 5).
+
+    Args:
+        model: any ``nn.Module`` of stock layers; left exactly as it is.
+        data: one input batch ``B x ...``, or an iterable of batches or ``(x, y)`` pairs;
+            scores accumulate over all of them.
+        masks: 0/1 or bool tensors keyed by weight name (``"layer1.0.conv1.weight"``);
+            default: the ``torch.nn.utils.prune`` masks the model carries, else all ones.
+        bn: ``"eval"`` (default) uses BatchNorm's running statistics in every stream;
+            ``"batch"`` reproduces the official code's train-mode BatchNorm, whose exact
+            scores are degenerate (it warns).
+        keep: names of modules whose parameters every stream uses unchanged, besides
+            normalization layers; default: the last ``nn.Linear`` (the classifier).
+        dtype: the precision of the streams (float32 or float64).
+
+    Returns:
+        ``{weight name: float32 tensor shaped like the weight}``: ``>= 0``, zero where
+        masked, divided by one positive constant so that the largest score is 1.
+    """
+    _validate(model, bn, dtype)
+    if bn == "batch":
+        warnings.warn(
+            "px_scores(bn='batch') reproduces the official PX code: BatchNorm with batch "
+            "statistics on stream C's constant input makes the exact scores of networks "
+            "ending in global average pooling zero, so the scores are rounding noise "
+            "(px-spec.md section 5). Use bn='eval' for meaningful scores.",
+            stacklevel=2,
+        )
+    weights = prunable_weights(model)
+    device = weights[0].param.device
+    mask_values = resolve_masks(weights, masks)
+    if keep is None:
+        classifier = last_linear_name(model)
+        keep = () if classifier is None else (classifier,)
+    kept = kept_module_names(model, tuple(keep))
+    parameters = stream_parameters(model, weights, mask_values, kept, dtype)
+    buffers = stream_buffers(model, dtype, bn)
+
+    v = _ScaledSum()
+    sample_shape = None
+    with evaluation_state(model, weights, bn):
+        with torch.no_grad():
+            for x in iter_batches(data, device):
+                if sample_shape is not None and x.shape[1:] != sample_shape:
+                    raise ValueError(
+                        f"data batches differ in sample shape: {tuple(sample_shape)} and "
+                        f"{tuple(x.shape[1:])}"
+                    )
+                sample_shape = x.shape[1:]
+                x = x.to(dtype)
+                gates = StreamState(Stream.GATES, Exponents())
+                run_stream(model, gates, x, parameters.gates, buffers)
+                paths = StreamState(Stream.PATHS, Exponents(), gates.gates, parameters.ones_weights)
+                z1, exponent = run_stream(model, paths, x * x, parameters.paths, buffers)
+                v.add(z1.sum(0), exponent)
+        with torch.enable_grad():
+            # One sample is exact (every sample of C's input is the same); BatchNorm with
+            # batch statistics needs two values per channel, and identical samples give
+            # the same statistics.
+            copies = 2 if bn == "batch" else 1
+            ones = torch.ones((copies, *sample_shape), dtype=dtype, device=device)
+            z2, _ = run_stream(model, StreamState(Stream.KERNEL, Exponents()), ones, parameters.kernel, buffers)
+    return _scores_from_kernel(z2, v, parameters.kernel_weights, weights, mask_values)
+
+
+def _scores_from_kernel(z2, v, kernel_weights, weights, masks) -> dict[str, torch.Tensor]:
+    """``S_l = |dR/dP_l| * W_l**2`` (masked), normalized so that the largest is 1."""
+    peak = v.mantissa.abs().max()
+    cotangent = (v.mantissa / peak if peak > 0 else v.mantissa).to(z2.dtype)
+    cotangent = cotangent.expand_as(z2) / z2.shape[0]
+    leaves = [kernel_weights[w.name] for w in weights]
+    grads = torch.autograd.grad(z2, leaves, grad_outputs=cotangent, allow_unused=True)
+    scores = {}
+    for w, grad in zip(weights, grads):
+        # float64 here costs little (weight-sized) and keeps tiny products from flushing to 0.
+        weight = w.param.detach().double()
+        if grad is None:
+            scores[w.name] = torch.zeros_like(weight)
+            continue
+        scores[w.name] = grad.double().abs() * (weight * weight) * masks[w.name].double()
+    top = max(float(s.max()) for s in scores.values())
+    if not math.isfinite(top):
+        raise FloatingPointError("PX scores are not finite; please report this model")
+    return {name: (s / top if top > 0 else s).float() for name, s in scores.items()}

@@ -1,0 +1,311 @@
+"""Evaluate a stock model in PX stream A, B or C (px-spec.md section 2).
+
+Nothing of the model is copied or rewritten: each stream is one ``functional_call`` with
+substituted parameters, under a ``TorchFunctionMode`` that
+- catches every spelling of ReLU/LeakyReLU (``nn.ReLU(inplace=True)``, ``F.relu``,
+  ``torch.relu``, ``Tensor.relu``, ``relu_``, ...) and applies the stream's rule: A records
+  the gate ``input > 0``, B multiplies by the recorded gate, C is the identity;
+- refuses activations the method does not cover, naming the module that calls them;
+- carries every stream value as a power-of-two scaled mantissa (``scaled.py``);
+- routes convolutions and linear layers of streams A and B to cheaper kernels where the
+  weight's structure allows (all-ones weights of B; see ``kernels_for``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, op_name
+from pxkern.weights import PrunableWeight
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+)
+
+RELU_OPS = frozenset({"relu", "relu_", "leaky_relu", "leaky_relu_"})
+
+UNSUPPORTED_ACTIVATIONS = frozenset(
+    {"sigmoid", "sigmoid_", "tanh", "tanh_", "gelu", "silu", "silu_", "elu", "elu_",
+     "selu", "selu_", "celu", "celu_", "softplus", "hardtanh", "hardtanh_", "relu6",
+     "hardswish", "hardsigmoid", "mish", "softmax", "log_softmax", "softmin",
+     "softsign", "tanhshrink", "logsigmoid", "glu", "prelu", "rrelu", "rrelu_",
+     "threshold", "threshold_", "hardshrink", "softshrink"}
+)
+
+
+class Stream(enum.Enum):
+    GATES = "A"  # the model as it is, masked: records ReLU gates
+    PATHS = "B"  # path activations: unit weights, input X*X, gated by A
+    KERNEL = "C"  # path kernel: squared weights, all-ones input, linear
+
+
+class UnsupportedActivationError(TypeError):
+    """The model uses an activation outside the ReLU family, which PX does not define."""
+
+
+@dataclass
+class StreamState:
+    """What one stream evaluation reads and writes besides the model."""
+
+    stream: Stream
+    exponents: Exponents
+    gates: list[torch.Tensor] = field(default_factory=list)
+    ones_weights: set[int] = field(default_factory=set)  # ids of all-ones B weights
+
+
+def _relu_arguments(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, float, bool]:
+    """(input, negative slope, in place) of any ReLU/LeakyReLU spelling."""
+    x = args[0]
+    leaky = name.startswith("leaky")
+    slope = (args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)) if leaky else 0.0
+    inplace_position = 2 if leaky else 1
+    inplace = name.endswith("_") or bool(
+        args[inplace_position] if len(args) > inplace_position else kwargs.get("inplace", False)
+    )
+    return x, slope, inplace
+
+
+def _ones_weight_conv(func: Callable, spatial_dims: int) -> Callable:
+    """Convolution with an all-ones weight: every output channel of a group is the same
+    box filter of that group's input channel sum, computed once and broadcast."""
+
+    def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        n, channels = x.shape[:2]
+        out_channels = weight.shape[0]
+        summed = x.reshape(n, groups, channels // groups, *x.shape[2:]).sum(2)
+        box = torch.ones(groups, 1, *weight.shape[2:], dtype=x.dtype, device=x.device)
+        y = func(summed, box, None, stride, padding, dilation, groups)
+        y = y.unsqueeze(2).expand(n, groups, out_channels // groups, *y.shape[2:])
+        y = y.reshape(n, out_channels, *y.shape[3:]) if groups > 1 else y[:, 0]
+        if bias is not None:
+            y = y + bias.reshape(1, -1, *([1] * spatial_dims))
+        return y
+
+    return conv
+
+
+def _ones_weight_linear(x, weight, bias=None):
+    """``x @ ones^T``: every output is the row sum of ``x``."""
+    y = x.sum(-1, keepdim=True).expand(*x.shape[:-1], weight.shape[0])
+    return y + bias if bias is not None else y
+
+
+_SPATIAL_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+
+
+class StreamMode(TorchFunctionMode):
+    """Applies one stream's rules to every torch call made by the model's forward."""
+
+    def __init__(self, state: StreamState, module_names: Mapping[nn.Module, str]) -> None:
+        super().__init__()
+        self.state = state
+        self.arithmetic = ScaledArithmetic(state.exponents)
+        self.module_names = module_names
+        self.module_stack: list[nn.Module] = []
+        self.relu_calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = op_name(func)
+        if name in RELU_OPS:
+            return self.activation(name, args, kwargs)
+        if name in UNSUPPORTED_ACTIVATIONS:
+            raise UnsupportedActivationError(
+                f"{self.where()} calls `{name}`: PX scores are defined for ReLU and LeakyReLU "
+                f"activations only (nn.ReLU, nn.LeakyReLU, F.relu, torch.relu, Tensor.relu "
+                f"and their in-place forms)"
+            )
+        exponents = self.state.exponents
+        if not any(exponents.of(leaf) is not None for leaf in tree_flatten((args, kwargs))[0]):
+            return func(*args, **kwargs)
+        if name in WEIGHTED_OPS:
+            return self.arithmetic.weighted(func, args, kwargs, self.kernel_for(func, name, args))
+        return self.arithmetic(func, args, kwargs)
+
+    def where(self) -> str:
+        if not self.module_stack:
+            return "the model's forward"
+        module = self.module_stack[-1]
+        return f"module '{self.module_names.get(module, '?')}' ({type(module).__name__})"
+
+    def activation(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        x, slope, inplace = _relu_arguments(name, args, kwargs)
+        exponents = self.state.exponents
+        exponent = exponents.of(x)
+        stream = self.state.stream
+        if stream is Stream.KERNEL:
+            return x
+        if stream is Stream.GATES:
+            self.state.gates.append(x > 0)
+            y = torch.nn.functional.leaky_relu(x, slope, inplace)
+        else:
+            gate = self.next_gate(x)
+            y = x.mul_(gate) if inplace else x * gate
+        return exponents.tag(y, exponent) if exponent is not None else y
+
+    def next_gate(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.state.gates
+        if self.relu_calls >= len(gates) or gates[self.relu_calls].shape != x.shape:
+            raise RuntimeError(
+                f"{self.where()} makes ReLU call {self.relu_calls} on a tensor of shape "
+                f"{tuple(x.shape)} in stream B, which stream A did not make: PX needs a "
+                f"forward whose structure does not depend on parameter values"
+            )
+        gate = gates[self.relu_calls]
+        self.relu_calls += 1
+        return gate
+
+    def kernel_for(self, func: Callable, name: str, args: tuple) -> Callable:
+        weight = args[1]
+        if self.state.stream is Stream.PATHS and id(weight) in self.state.ones_weights:
+            if name == "linear":
+                return _ones_weight_linear
+            if name in _SPATIAL_DIMS:
+                return _ones_weight_conv(func, _SPATIAL_DIMS[name])
+        return func
+
+    @contextlib.contextmanager
+    def tracking_modules(self) -> Iterator[None]:
+        """Know which module runs, to name it in errors (global hooks, removed after)."""
+
+        def enter(module, _inputs):
+            self.module_stack.append(module)
+
+        def leave(module, _inputs, _output):
+            if self.module_stack and self.module_stack[-1] is module:
+                self.module_stack.pop()
+
+        pre = nn.modules.module.register_module_forward_pre_hook(enter)
+        post = nn.modules.module.register_module_forward_hook(leave, always_call=True)
+        try:
+            yield
+        finally:
+            pre.remove()
+            post.remove()
+
+
+@dataclass
+class StreamParameters:
+    """The parameter values each stream substitutes, keyed like ``named_parameters``."""
+
+    gates: dict[str, torch.Tensor]
+    paths: dict[str, torch.Tensor]
+    kernel: dict[str, torch.Tensor]
+    kernel_weights: dict[str, torch.Tensor]  # user weight name -> the leaf C differentiates
+    ones_weights: set[int]
+
+
+def kept_module_names(model: nn.Module, keep: tuple[str, ...]) -> set[str]:
+    """Modules whose parameters every stream uses as they are: norms and ``keep``."""
+    names = {name for name, m in model.named_modules() if isinstance(m, NORM_TYPES)}
+    known = {name for name, _ in model.named_modules()}
+    unknown = sorted(set(keep) - known)
+    if unknown:
+        raise KeyError(f"keep names modules the model does not have: {unknown}")
+    return names | set(keep)
+
+
+def stream_parameters(
+    model: nn.Module,
+    weights: list[PrunableWeight],
+    masks: Mapping[str, torch.Tensor],
+    kept_modules: set[str],
+    dtype: torch.dtype,
+) -> StreamParameters:
+    """Parameter substitutions of streams A, B and C (px-spec.md section 2)."""
+    by_param = {w.param_name: w for w in weights}
+    gates, paths, kernel, kernel_weights, ones = {}, {}, {}, {}, set()
+    for name, param in model.named_parameters():
+        if not param.is_floating_point():
+            continue
+        p = param.detach().to(dtype)
+        kept = name.rpartition(".")[0] in kept_modules
+        prunable = by_param.get(name)
+        if prunable is not None:
+            mask = masks[prunable.name].to(dtype)
+            masked = p * mask
+            gates[name] = masked
+            paths[name] = masked if kept else mask
+            if not kept and all(s == 0 for s in mask.stride()) and mask.numel():
+                ones.add(id(mask))
+            leaf = (masked if kept else masked * masked).requires_grad_()
+            kernel[name] = leaf
+            kernel_weights[prunable.name] = leaf
+        elif kept:
+            gates[name] = paths[name] = kernel[name] = p
+        else:
+            gates[name] = p
+            paths[name] = torch.ones((), dtype=dtype, device=p.device).expand(p.shape)
+            kernel[name] = p * p
+    return StreamParameters(gates, paths, kernel, kernel_weights, ones)
+
+
+@contextlib.contextmanager
+def evaluation_state(model: nn.Module, weights: list[PrunableWeight], bn: str) -> Iterator[None]:
+    """Put the model in the streams' mode (eval; BN in train mode for ``bn="batch"``)
+    and give back exactly what it had: training flags and the ``weight`` attributes that
+    ``torch.nn.utils.prune`` hooks recompute on every forward."""
+    training = {m: m.training for m in model.modules()}
+    pruned_weights = {w.module: w.module.__dict__.get("weight") for w in weights if w.carried_mask is not None}
+    try:
+        model.eval()
+        if bn == "batch":
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+        yield
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+        for m, value in pruned_weights.items():
+            m.__dict__["weight"] = value
+
+
+def stream_buffers(model: nn.Module, dtype: torch.dtype, bn: str) -> dict[str, torch.Tensor]:
+    """Buffers as the streams read them: cast to the stream dtype; copies where BN in
+    train mode would update running statistics."""
+    buffers = {}
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point():
+            buffer = buffer.to(dtype)
+        if bn == "batch" and name.rpartition(".")[2] in {"running_mean", "running_var", "num_batches_tracked"}:
+            buffer = buffer.clone()
+        buffers[name] = buffer
+    return buffers
+
+
+def run_stream(
+    model: nn.Module,
+    state: StreamState,
+    x: torch.Tensor,
+    parameters: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, int]:
+    """One forward of ``model`` in ``state.stream``; returns the output's mantissa and
+    exponent. ``x`` is the stream's input in true scale."""
+    module_names = {m: name for name, m in model.named_modules()}
+    mode = StreamMode(state, module_names)
+    x = state.exponents.start(x)
+    with mode.tracking_modules(), mode:
+        output = functional_call(model, {**parameters, **buffers}, (x,), tie_weights=True, strict=False)
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"{type(model).__name__} returned a {type(output).__name__}: PX scoring needs a "
+            f"model whose forward returns one tensor"
+        )
+    if state.stream is Stream.PATHS and mode.relu_calls != len(state.gates):
+        raise RuntimeError(
+            f"stream B made {mode.relu_calls} ReLU calls, stream A {len(state.gates)}: PX needs "
+            f"a forward whose structure does not depend on parameter values"
+        )
+    exponent = state.exponents.of(output)
+    return output, 0 if exponent is None else exponent

@@ -1,0 +1,244 @@
+"""px_scores against the float64 reference of the spec, over the model zoo.
+
+Tolerances (px-spec.md section 5): per layer, max |s - s_ref| <= 1e-4 * max |s_ref| after
+both are divided by their global maximum, and the same global top-k masks at densities
+10% and 1% (ties at the threshold aside). float64 streams are held to 1e-6, the
+rounding of the float32 scores they return.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+import zoo
+from pxkern import px_scores
+from pxkern.px.streams import UnsupportedActivationError
+from pxkern.testing import assert_same_topk_masks, assert_scores_close, reference_px_scores
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}  # scores are returned as float32
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "training": [m.training for m in model.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for m in model.modules()],
+        "grads": [p.grad for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+    }
+
+
+def _assert_untouched(model: nn.Module, before: dict) -> None:
+    after = _snapshot(model)
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), f"{key} changed"
+    assert before["training"] == after["training"], "train/eval flags changed"
+    assert before["hooks"] == after["hooks"], "hooks were left on the model"
+    assert all(g is None for g in after["grads"]), ".grad was written"
+    assert before["requires_grad"] == after["requires_grad"]
+
+
+def _random_masks(model: nn.Module, density: float, seed: int = 3) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: (torch.rand(p.shape, generator=generator) < density)
+        for name, p in model.named_parameters()
+        if name.endswith("weight") and p.dim() > 1
+    }
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zoo_matches_float64_reference(name, dtype):
+    model, x = zoo.ZOO[name]()
+    zoo.randomize_norms(model)
+    expected = reference_px_scores(model, x)
+    actual = px_scores(model, x, dtype=dtype)
+    assert all(s.dtype == torch.float32 for s in actual.values())
+    assert max(float(s.max()) for s in actual.values()) == 1.0
+    assert_scores_close(actual, expected, rel=TOLERANCE[dtype])
+    assert_same_topk_masks(actual, expected)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "vgg16_bn", "resnet18_tv", "conv1d_net"])
+def test_masks_and_train_mode_model_untouched(name):
+    model, x = zoo.ZOO[name]()
+    zoo.randomize_norms(model)
+    model.train()
+    masks = _random_masks(model, 0.4)
+    before = _snapshot(model)
+    actual = px_scores(model, x, masks=masks)
+    _assert_untouched(model, before)
+    for key, mask in masks.items():
+        assert bool((actual[key][~mask] == 0).all()), f"{key}: masked weights scored"
+        assert bool((actual[key] >= 0).all())
+    assert_scores_close(actual, reference_px_scores(model, x, masks=masks))
+
+
+def test_carried_prune_masks_are_used_and_restored():
+    model, x = zoo.resnet20()
+    masks = _random_masks(model, 0.3)
+    explicit = px_scores(model, x, masks=masks)
+    for name, module in model.named_modules():
+        if f"{name}.weight" in masks:
+            torch_prune.custom_from_mask(module, "weight", masks[f"{name}.weight"])
+    before = _snapshot(model)
+    effective = {name: m.weight for name, m in model.named_modules() if hasattr(m, "weight_mask")}
+    carried = px_scores(model, x)
+    _assert_untouched(model, before)
+    for name, m in model.named_modules():
+        if hasattr(m, "weight_mask"):
+            assert m.weight is effective[name], f"{name}.weight attribute was replaced"
+    assert carried.keys() == explicit.keys()
+    for key in explicit:
+        torch.testing.assert_close(carried[key], explicit[key], rtol=1e-5, atol=1e-7)
+
+
+def test_batches_and_pairs_accumulate_like_one_batch():
+    model, x = zoo.resnet20()
+    whole = px_scores(model, x)
+    pairs = [(x[:1], torch.tensor([0])), (x[1:], torch.zeros(len(x) - 1))]
+    split = px_scores(model, pairs)
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [(), ("fc",), ("fc", "layers.0.conv1")])
+def test_keep_sets(keep):
+    model, x = zoo.resnet20()
+    assert_scores_close(px_scores(model, x, keep=keep), reference_px_scores(model, x, keep=keep))
+
+
+def test_batch_mode_warns_and_matches_reference_after_the_norm():
+    # With bn="batch", C's constant input makes every BatchNorm output its beta, so the
+    # weights before a BN get exactly zero scores (spec section 5) while the weights after
+    # it keep a non-trivial exact score to compare.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5),
+                          nn.ReLU(), nn.Linear(5, 3))
+    zoo.randomize_norms(model)
+    x = torch.randn(16, 6)
+    with pytest.warns(UserWarning, match="rounding noise"):
+        actual = px_scores(model, x, bn="batch", dtype=torch.float64)
+    expected = reference_px_scores(model, x, bn="batch")
+    assert float(actual["0.weight"].max()) < 1e-6
+    after = ["3.weight", "5.weight"]
+    assert_scores_close({k: actual[k] for k in after}, {k: expected[k] for k in after}, rel=1e-6)
+
+
+def test_batch_mode_is_degenerate_on_resnet():
+    model, x = zoo.resnet20()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = reference_px_scores(model, x, bn="batch")
+    exact = reference_px_scores(model, x)
+    conv_peak = max(float(s.max()) for k, s in reference.items() if k != "fc.weight")
+    assert conv_peak < 1e-8 * max(float(s.max()) for s in exact.values())
+
+
+@pytest.mark.parametrize("factory", [lambda: zoo.resnet(depth=110, width=4, batch=2),
+                                     lambda: zoo.vgg19(bn=False, width=8, batch=2),
+                                     lambda: zoo.vgg16(bn=False, width=16, batch=2)],
+                         ids=["resnet110", "vgg19", "vgg16"])
+def test_deep_networks_are_finite_and_exact(factory):
+    model, x = factory()
+    actual = px_scores(model, x)
+    assert all(bool(torch.isfinite(s).all()) for s in actual.values())
+    assert_scores_close(actual, reference_px_scores(model, x))
+
+
+def test_deeper_than_float64_range():
+    # A bias-free ReLU MLP is positively homogeneous in its input and B is linear in X*X,
+    # so the scores for input a*X equal those for X up to one global constant. With 400
+    # layers the path values exceed float64 (2**1024): the reference overflows on X and
+    # is exact on a small a*X, where pxkern must agree on the original X.
+    torch.manual_seed(0)
+    depth, width = 400, 16
+    layers = [nn.Linear(8, width, bias=False), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width, bias=False), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(width, 4, bias=False)).double()
+    x = torch.rand(4, 8, dtype=torch.float64) + 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        overflowing = reference_px_scores(model, x)
+    assert not all(bool(torch.isfinite(s).all()) for s in overflowing.values())
+    expected = reference_px_scores(model, x * 2.0**-500)
+    assert all(bool(torch.isfinite(s).all()) for s in expected.values())
+    actual = px_scores(model.float(), x.float())
+    assert_scores_close(actual, expected)
+
+
+class _WhereGate(nn.Module):
+    """An op without an exponent rule (torch.where) takes the float64 fallback."""
+
+    def forward(self, x):
+        keep = torch.arange(x.shape[1]).reshape(1, -1, *[1] * (x.dim() - 2)) % 3 != 0
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+
+
+def test_unknown_ops_fall_back_to_exact_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), _WhereGate(), nn.Conv2d(6, 4, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    x = torch.randn(5, 3, 8, 8)
+    assert_scores_close(px_scores(model, x), reference_px_scores(model, x))
+
+
+@pytest.mark.parametrize("factory, fragment", [
+    (zoo.unsupported_activation_net, "GELU"),
+    (zoo.sigmoid_net, "sigmoid"),
+])
+def test_unsupported_activations_are_named(factory, fragment):
+    model, x = factory()
+    with pytest.raises(UnsupportedActivationError, match="ReLU") as info:
+        px_scores(model, x)
+    assert fragment.lower() in str(info.value).lower()
+
+
+@pytest.mark.parametrize("data, error, fragment", [
+    ([], ValueError, "empty"),
+    (torch.zeros(4, 20, dtype=torch.int64), TypeError, "floating"),
+    (torch.zeros(0, 20), ValueError, "non-empty"),
+    ([torch.zeros(2, 20), torch.zeros(2, 21)], ValueError, "sample shape"),
+    (["not a tensor"], TypeError, "tensor"),
+])
+def test_bad_data(data, error, fragment):
+    model, _ = zoo.mlp()
+    with pytest.raises(error, match=fragment):
+        px_scores(model, data)
+
+
+def test_bad_arguments():
+    model, x = zoo.mlp()
+    with pytest.raises(ValueError, match="bn must be"):
+        px_scores(model, x, bn="train")
+    with pytest.raises(KeyError, match="not prunable weights"):
+        px_scores(model, x, masks={"nope.weight": torch.ones(3)})
+    with pytest.raises(ValueError, match="shape"):
+        px_scores(model, x, masks={"0.weight": torch.ones(3, 3)})
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        px_scores(model, x, masks={"0.weight": torch.full((32, 20), 0.5)})
+    with pytest.raises(KeyError, match="keep"):
+        px_scores(model, x, keep=("classifier",))
+    with pytest.raises(ValueError, match="no prunable weights"):
+        px_scores(nn.Sequential(nn.ReLU()), x)
+    with pytest.raises(TypeError, match="one tensor"):
+        px_scores(_TupleOutput(), torch.randn(2, 4))
+
+
+class _TupleOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x), x
