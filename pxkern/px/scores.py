@@ -21,9 +21,10 @@ from pxkern.px.scaled import Exponents
 from pxkern.px.streams import (
     Stream,
     StreamState,
-    evaluation_state,
-    kept_module_names,
+    kept_parameter_names,
+    restoring_state,
     run_stream,
+    set_stream_mode,
     stream_buffers,
     stream_parameters,
 )
@@ -77,8 +78,8 @@ def px_scores(
         masks: 0/1 or bool tensors keyed by weight name (``"layer1.0.conv1.weight"``);
             default: the ``torch.nn.utils.prune`` masks the model carries, else all ones.
         bn: ``"eval"`` (default) uses BatchNorm's running statistics in every stream;
-            ``"batch"`` reproduces the official code's train-mode BatchNorm, whose exact
-            scores are degenerate (it warns).
+            ``"batch"`` reproduces the official code, whose streams B and C run BatchNorm
+            in train mode: their exact scores are degenerate (it warns).
         keep: names of modules whose parameters every stream uses unchanged, besides
             normalization layers; default: the last ``nn.Linear`` (the classifier).
         dtype: the precision of the streams (float32 or float64).
@@ -102,13 +103,13 @@ def px_scores(
     if keep is None:
         classifier = last_linear_name(model)
         keep = () if classifier is None else (classifier,)
-    kept = kept_module_names(model, tuple(keep))
+    kept = kept_parameter_names(model, tuple(keep))
     parameters = stream_parameters(model, weights, mask_values, kept, dtype)
     buffers = stream_buffers(model, dtype, bn)
 
     v = _ScaledSum()
     sample_shape = None
-    with evaluation_state(model, weights, bn):
+    with restoring_state(model, weights):
         with torch.no_grad():
             for x in iter_batches(data, device):
                 if sample_shape is not None and x.shape[1:] != sample_shape:
@@ -119,9 +120,9 @@ def px_scores(
                 sample_shape = x.shape[1:]
                 x = x.to(dtype)
                 gates = StreamState(Stream.GATES, Exponents())
-                run_stream(model, gates, x, parameters.gates, buffers)
+                run_stream(model, gates, x, parameters.gates, buffers, bn)
                 paths = StreamState(Stream.PATHS, Exponents(), gates.gates, parameters.ones_weights)
-                z1, exponent = run_stream(model, paths, x * x, parameters.paths, buffers)
+                z1, exponent = run_stream(model, paths, x * x, parameters.paths, buffers, bn)
                 v.add(z1.sum(0), exponent)
         with torch.enable_grad():
             # One sample is exact (every sample of C's input is the same); BatchNorm with
@@ -129,7 +130,8 @@ def px_scores(
             # the same statistics.
             copies = 2 if bn == "batch" else 1
             ones = torch.ones((copies, *sample_shape), dtype=dtype, device=device)
-            z2, _ = run_stream(model, StreamState(Stream.KERNEL, Exponents()), ones, parameters.kernel, buffers)
+            kernel = StreamState(Stream.KERNEL, Exponents())
+            z2, _ = run_stream(model, kernel, ones, parameters.kernel, buffers, bn)
     return _scores_from_kernel(z2, v, parameters.kernel_weights, weights, mask_values)
 
 

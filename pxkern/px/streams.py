@@ -204,21 +204,27 @@ class StreamParameters:
     ones_weights: set[int]
 
 
-def kept_module_names(model: nn.Module, keep: tuple[str, ...]) -> set[str]:
-    """Modules whose parameters every stream uses as they are: norms and ``keep``."""
-    names = {name for name, m in model.named_modules() if isinstance(m, NORM_TYPES)}
-    known = {name for name, _ in model.named_modules()}
-    unknown = sorted(set(keep) - known)
+def kept_parameter_names(model: nn.Module, keep: tuple[str, ...]) -> set[str]:
+    """Parameters every stream uses as they are: those of normalization layers and of
+    the modules named in ``keep`` (with their submodules)."""
+    modules = dict(model.named_modules())
+    unknown = sorted(set(keep) - set(modules))
     if unknown:
         raise KeyError(f"keep names modules the model does not have: {unknown}")
-    return names | set(keep)
+    kept = set()
+    for name in keep:
+        kept.update(p for p, _ in modules[name].named_parameters(prefix=name))
+    for name, module in modules.items():
+        if isinstance(module, NORM_TYPES):
+            kept.update(p for p, _ in module.named_parameters(prefix=name, recurse=False))
+    return kept
 
 
 def stream_parameters(
     model: nn.Module,
     weights: list[PrunableWeight],
     masks: Mapping[str, torch.Tensor],
-    kept_modules: set[str],
+    kept: set[str],
     dtype: torch.dtype,
 ) -> StreamParameters:
     """Parameter substitutions of streams A, B and C (px-spec.md section 2)."""
@@ -228,19 +234,19 @@ def stream_parameters(
         if not param.is_floating_point():
             continue
         p = param.detach().to(dtype)
-        kept = name.rpartition(".")[0] in kept_modules
+        is_kept = name in kept
         prunable = by_param.get(name)
         if prunable is not None:
             mask = masks[prunable.name].to(dtype)
             masked = p * mask
             gates[name] = masked
-            paths[name] = masked if kept else mask
-            if not kept and all(s == 0 for s in mask.stride()) and mask.numel():
+            paths[name] = masked if is_kept else mask
+            if not is_kept and all(s == 0 for s in mask.stride()) and mask.numel():
                 ones.add(id(mask))
-            leaf = (masked if kept else masked * masked).requires_grad_()
+            leaf = (masked if is_kept else masked * masked).requires_grad_()
             kernel[name] = leaf
             kernel_weights[prunable.name] = leaf
-        elif kept:
+        elif is_kept:
             gates[name] = paths[name] = kernel[name] = p
         else:
             gates[name] = p
@@ -250,24 +256,28 @@ def stream_parameters(
 
 
 @contextlib.contextmanager
-def evaluation_state(model: nn.Module, weights: list[PrunableWeight], bn: str) -> Iterator[None]:
-    """Put the model in the streams' mode (eval; BN in train mode for ``bn="batch"``)
-    and give back exactly what it had: training flags and the ``weight`` attributes that
-    ``torch.nn.utils.prune`` hooks recompute on every forward."""
+def restoring_state(model: nn.Module, weights: list[PrunableWeight]) -> Iterator[None]:
+    """Give back exactly what the streams change on the model: training flags and the
+    ``weight`` attributes that ``torch.nn.utils.prune`` hooks recompute on every forward."""
     training = {m: m.training for m in model.modules()}
     pruned_weights = {w.module: w.module.__dict__.get("weight") for w in weights if w.carried_mask is not None}
     try:
-        model.eval()
-        if bn == "batch":
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.train()
         yield
     finally:
         for m, flag in training.items():
             m.training = flag
         for m, value in pruned_weights.items():
             m.__dict__["weight"] = value
+
+
+def set_stream_mode(model: nn.Module, stream: Stream, bn: str) -> None:
+    """Eval mode (dropout off, BN on running statistics); with ``bn="batch"`` BatchNorm
+    uses batch statistics in streams B and C, as the official code does."""
+    model.eval()
+    if bn == "batch" and stream is not Stream.GATES:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
 
 
 def stream_buffers(model: nn.Module, dtype: torch.dtype, bn: str) -> dict[str, torch.Tensor]:
@@ -289,9 +299,11 @@ def run_stream(
     x: torch.Tensor,
     parameters: Mapping[str, torch.Tensor],
     buffers: Mapping[str, torch.Tensor],
+    bn: str,
 ) -> tuple[torch.Tensor, int]:
     """One forward of ``model`` in ``state.stream``; returns the output's mantissa and
     exponent. ``x`` is the stream's input in true scale."""
+    set_stream_mode(model, state.stream, bn)
     module_names = {m: name for name, m in model.named_modules()}
     mode = StreamMode(state, module_names)
     x = state.exponents.start(x)
