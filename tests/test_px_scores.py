@@ -100,6 +100,9 @@ def test_carried_prune_masks_are_used_and_restored():
     assert carried.keys() == explicit.keys()
     for key in explicit:
         torch.testing.assert_close(carried[key], explicit[key], rtol=1e-5, atol=1e-7)
+    # Explicit masks replace the carried ones, also where they keep carried zeros.
+    unpruned = {key: torch.ones_like(m) for key, m in masks.items()}
+    assert_scores_close(px_scores(model, x, masks=unpruned), reference_px_scores(model, x, masks=unpruned))
 
 
 def test_batches_and_pairs_accumulate_like_one_batch():

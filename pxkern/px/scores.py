@@ -105,7 +105,7 @@ def px_scores(
         keep = () if classifier is None else (classifier,)
     kept = kept_parameter_names(model, tuple(keep))
     parameters = stream_parameters(model, weights, mask_values, kept, dtype)
-    buffers = stream_buffers(model, dtype, bn)
+    buffers = stream_buffers(model, weights, dtype, bn)
 
     v = _ScaledSum()
     sample_shape = None

@@ -280,9 +280,13 @@ def set_stream_mode(model: nn.Module, stream: Stream, bn: str) -> None:
                 m.train()
 
 
-def stream_buffers(model: nn.Module, dtype: torch.dtype, bn: str) -> dict[str, torch.Tensor]:
+def stream_buffers(
+    model: nn.Module, weights: list[PrunableWeight], dtype: torch.dtype, bn: str
+) -> dict[str, torch.Tensor]:
     """Buffers as the streams read them: cast to the stream dtype; copies where BN in
-    train mode would update running statistics."""
+    train mode would update running statistics; and all-ones ``weight_mask`` buffers of
+    ``torch.nn.utils.prune``, because the substituted weights carry the masks being
+    scored, which may differ from the ones the model carries."""
     buffers = {}
     for name, buffer in model.named_buffers():
         if buffer.is_floating_point():
@@ -290,6 +294,10 @@ def stream_buffers(model: nn.Module, dtype: torch.dtype, bn: str) -> dict[str, t
         if bn == "batch" and name.rpartition(".")[2] in {"running_mean", "running_var", "num_batches_tracked"}:
             buffer = buffer.clone()
         buffers[name] = buffer
+    for w in weights:
+        if w.carried_mask is not None:
+            mask_name = w.param_name.removesuffix("_orig") + "_mask"
+            buffers[mask_name] = torch.ones((), dtype=dtype, device=w.carried_mask.device).expand(w.shape)
     return buffers
 
 
