@@ -1,0 +1,92 @@
+"""Iterative pruning at initialization (spec section 4) with any criterion."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pxkern.pruning.criteria import get_criterion, score
+from pxkern.pruning.masks import apply_masks
+from pxkern.pruning.schedule import exponential_densities
+from pxkern.pruning.threshold import global_keep_masks, layer_keep_masks
+from pxkern.weights import prunable_weights, resolve_masks
+
+SCOPES = {"global": global_keep_masks, "layer": layer_keep_masks}
+
+
+def _target_density(density: float | None, sparsity: float | None) -> float:
+    if (density is None) == (sparsity is None):
+        raise ValueError("pass exactly one of density (fraction kept) and sparsity (fraction removed)")
+    name, value = ("density", density) if density is not None else ("sparsity", sparsity)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    target = float(value) if density is not None else 1.0 - float(value)
+    if not 0.0 < target <= 1.0:  # also rejects NaN
+        allowed = "(0, 1]" if density is not None else "[0, 1)"
+        raise ValueError(f"{name} must be in {allowed}, got {value}")
+    return target
+
+
+def _reusable(data: Any) -> Any:
+    """Every round iterates ``data`` again: a one-shot iterator is read into a list once."""
+    if data is None:
+        raise ValueError("data is None: pass a batch or an iterable of batches / (x, y) pairs")
+    if isinstance(data, Iterable) and iter(data) is data:
+        return list(data)
+    return data
+
+
+def prune(
+    model: nn.Module,
+    data: Any,
+    *,
+    density: float | None = None,
+    sparsity: float | None = None,
+    rounds: int = 100,
+    scope: str = "global",
+    method: str = "px",
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    **criterion_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """Prune ``model`` in place to ``density`` (or ``1 - sparsity``) of its prunable weights.
+
+    Round ``r = 1..rounds`` scores the weights with ``method`` (a key of
+    :data:`pxkern.pruning.CRITERIA`) under the current masks, then keeps the top
+    ``density ** (r / rounds)`` fraction, of all weights together (``scope="global"``) or of
+    each weight tensor (``scope="layer"``), by the rule of
+    :mod:`pxkern.pruning.threshold`; weights pruned earlier stay pruned. Masks the model
+    already carries are the starting point.
+
+    ``data`` is a batch or an iterable of batches / ``(x, y)`` pairs (SNIP and GraSP need
+    the labels), read anew every round. ``generator`` seeds ``method="random"``;
+    ``criterion_kwargs`` go to the criterion (e.g. ``bn``). One-shot methods (magnitude,
+    random, snip, grasp in the official code) are meant for ``rounds=1``.
+
+    The masks are put on the model with ``torch.nn.utils.prune`` after the last round
+    (criteria take the masks explicitly, so the rounds need no model changes). Returns the
+    final bool masks keyed by weight name (e.g. ``"layer1.0.conv1.weight"``).
+    """
+    target = _target_density(density, sparsity)
+    densities = exponential_densities(target, rounds)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {sorted(SCOPES)}, got {scope!r}")
+    get_criterion(method)  # fail on an unknown method before any work
+    keep_masks = SCOPES[scope]
+    data = _reusable(data)
+
+    weights = prunable_weights(model)
+    masks = {name: mask != 0 for name, mask in resolve_masks(weights, None).items()}
+    total = sum(w.param.numel() for w in weights)
+    bar = tqdm(densities, desc=f"pruning ({method}, {scope})", unit="round", disable=not progress)
+    for round_density in bar:
+        scores = score(method, model, data, masks, generator=generator, **criterion_kwargs)
+        keep = keep_masks(scores, round_density)
+        masks = {name: keep[name] & masks[name] for name in masks}
+        kept = sum(int(m.count_nonzero()) for m in masks.values())
+        bar.set_postfix(density=f"{kept / total:.4f}")
+    apply_masks(model, masks)
+    return masks
