@@ -50,7 +50,7 @@ def two_layer_closed_form(w1, b1, w2, b2, m1, m2, x, keep_last: bool):
        (W2', b2') = (W2 M2, b2) if the classifier is kept, (M2, 1) if it is transformed.
     C: P1 = (W1 M1)^2, a = P1 1 + b1^2 (ReLU is the identity); z2 = P2 a + b2'' with
        (P2, b2'') = (W2 M2, b2) if kept, ((W2 M2)^2, b2^2) if transformed.
-    R = sum_b <z1_b, z2> = <u, z2> with u = sum_b z1_b, hence
+    R = sum_b <z1_b, z2> = <u, z2> with u = sum_b z1_b, hence (b2'' drops out)
        dR/dP1 = (P2^T u) 1^T,   dR/dP2 = u a^T,   S_l = |dR/dP_l| * W_l^2 * M_l.
     """
     zero1 = torch.zeros(w1.shape[0], dtype=w1.dtype) if b1 is None else b1
@@ -59,9 +59,9 @@ def two_layer_closed_form(w1, b1, w2, b2, m1, m2, x, keep_last: bool):
     gates = (x @ (w1 * m1).T + zero1 > 0).to(x.dtype)
     h = gates * (x**2 @ m1.T + one1)
     if keep_last:
-        w2_b, b2_b, p2, b2_c = w2 * m2, zero2, w2 * m2, zero2
+        w2_b, b2_b, p2 = w2 * m2, zero2, w2 * m2
     else:
-        w2_b, b2_b, p2, b2_c = m2, torch.zeros_like(zero2) if b2 is None else torch.ones_like(b2), (w2 * m2) ** 2, zero2**2
+        w2_b, b2_b, p2 = m2, torch.zeros_like(zero2) if b2 is None else torch.ones_like(b2), (w2 * m2) ** 2
     u = (h @ w2_b.T + b2_b).sum(0)
     a = (w1 * m1) ** 2 @ torch.ones(w1.shape[1], dtype=w1.dtype) + zero1**2
     g1 = torch.outer(p2.T @ u, torch.ones(w1.shape[1], dtype=w1.dtype))

@@ -23,17 +23,15 @@ including its normalizations (a positive constant, which changes no ranking).
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.prune import BasePruningMethod
 
 from pxkern.data import iter_batches
+from pxkern.evaluation import batchnorm_buffer_copies, evaluation_mode, model_state_restored, unit_prune_masks
 from pxkern.weights import PrunableWeight, prunable_weights, resolve_masks
 
 Scores = dict[str, torch.Tensor]
@@ -44,54 +42,10 @@ Criterion = Callable[..., Scores]
 GRASP_TEMPERATURE = 200.0
 # Keeps GraSP's normalization finite when the scores sum to zero (official value).
 GRASP_EPS = 1e-10
-_BN_MODES = ("batch", "eval")  # the names px_scores uses
 
 
 # ---------------------------------------------------------------------------------------
 # Evaluating the model without touching it
-
-
-@contextmanager
-def _modes(model: nn.Module, bn: str) -> Iterator[None]:
-    """Eval mode (no dropout), BatchNorm on batch statistics if ``bn == "batch"``; the
-    modes are restored after.
-
-    The official code scores SNIP and GraSP on a freshly built model, i.e. in train mode
-    (BatchNorm uses batch statistics), and SynFlow/PX in eval mode.
-    """
-    if bn not in _BN_MODES:
-        raise ValueError(f"bn must be one of {_BN_MODES}, got {bn!r}")
-    saved = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        if bn == "batch":
-            for module in model.modules():
-                if isinstance(module, _BatchNorm):
-                    module.train()
-        yield
-    finally:
-        for module, training in saved:
-            module.training = training
-
-
-@contextmanager
-def _pruning_attributes_restored(model: nn.Module) -> Iterator[None]:
-    """torch.nn.utils.prune's forward pre-hook stores ``weight_orig * weight_mask`` as a
-    plain attribute of the module on every call: put back the tensors it replaced."""
-    saved = [
-        (module, hook._tensor_name, module.__dict__.get(hook._tensor_name))
-        for module in model.modules()
-        for hook in module._forward_pre_hooks.values()
-        if isinstance(hook, BasePruningMethod)
-    ]
-    try:
-        yield
-    finally:
-        for module, name, value in saved:
-            if value is None:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = value
 
 
 def _call(
@@ -104,27 +58,11 @@ def _call(
     """``model(x)`` with every prunable weight replaced by ``effective[name]`` (already
     masked) and any other parameter/buffer by ``others[key]`` (keys of ``named_parameters``
     / ``named_buffers``)."""
-    substitutes = dict(others or {})
+    substitutes = {**unit_prune_masks(weights, next(iter(effective.values())).dtype), **(others or {})}
     for w in weights:
         substitutes[w.param_name] = effective[w.name]
-        if w.carried_mask is not None:
-            # The prune pre-hook multiplies weight_orig by weight_mask; the substitute is
-            # already masked with the masks being scored, which may differ from the carried one.
-            substitutes[w.param_name[: -len("_orig")] + "_mask"] = effective[w.name].new_ones(()).expand(w.shape)
-    with _pruning_attributes_restored(model):
+    with model_state_restored(model):
         return functional_call(model, substitutes, (x,))
-
-
-def _batchnorm_buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the BatchNorm buffers: in train mode BatchNorm updates its running
-    statistics in place, which must land on copies, not on the model."""
-    return {
-        f"{name}.{key}" if name else key: buf.clone()
-        for name, module in model.named_modules()
-        if isinstance(module, _BatchNorm)
-        for key, buf in module._buffers.items()
-        if buf is not None
-    }
 
 
 def _labelled_batches(
@@ -223,9 +161,9 @@ def snip(model: nn.Module, data: Any, masks: Masks = None, *, bn: str = "batch")
     effective = {w.name: (w.param.detach() * masks[w.name]).requires_grad_() for w in weights}
     leaves = list(effective.values())
     grads = [torch.zeros_like(leaf) for leaf in leaves]
-    with _modes(model, bn):
+    with evaluation_mode(model, bn):
         for x, y in batches:
-            loss = F.cross_entropy(_call(model, weights, effective, x, _batchnorm_buffer_copies(model)), y)
+            loss = F.cross_entropy(_call(model, weights, effective, x, batchnorm_buffer_copies(model)), y)
             for total, g in zip(grads, torch.autograd.grad(loss, leaves, allow_unused=True)):
                 if g is not None:
                     total += g
@@ -250,13 +188,13 @@ def grasp(model: nn.Module, data: Any, masks: Masks = None, *, bn: str = "batch"
 
     def batch_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         effective = {w.name: leaf * masks[w.name] for w, leaf in zip(weights, leaves)}
-        logits = _call(model, weights, effective, x, _batchnorm_buffer_copies(model))
+        logits = _call(model, weights, effective, x, batchnorm_buffer_copies(model))
         return F.cross_entropy(logits / GRASP_TEMPERATURE, y)
 
     def zeros() -> list[torch.Tensor]:
         return [torch.zeros_like(leaf) for leaf in leaves]
 
-    with _modes(model, bn):
+    with evaluation_mode(model, bn):
         stopped = zeros()
         for x, y in batches:
             for total, g in zip(stopped, torch.autograd.grad(batch_loss(x, y), leaves, allow_unused=True)):
@@ -297,7 +235,7 @@ def synflow(model: nn.Module, data: Any, masks: Masks = None) -> Scores:
     }
     leaves = {w.name: w.param.detach().abs().to(torch.float64).requires_grad_() for w in weights}
     effective = {w.name: leaves[w.name] * masks[w.name].to(torch.float64) for w in weights}
-    with _modes(model, "eval"):
+    with evaluation_mode(model, "eval"):
         output = _call(model, weights, effective, ones, others).sum()
         grads = torch.autograd.grad(output, list(leaves.values()), allow_unused=True)
     raw = {

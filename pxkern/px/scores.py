@@ -17,20 +17,16 @@ import torch
 from torch import nn
 
 from pxkern.data import iter_batches
+from pxkern.evaluation import batchnorm_buffer_copies, check_bn_mode, model_state_restored, unit_prune_masks
 from pxkern.px.scaled import Exponents
 from pxkern.px.streams import (
     Stream,
     StreamState,
     kept_parameter_names,
-    restoring_state,
     run_stream,
-    set_stream_mode,
-    stream_buffers,
     stream_parameters,
 )
 from pxkern.weights import last_linear_name, prunable_weights, resolve_masks
-
-BN_MODES = ("eval", "batch")
 
 
 class _ScaledSum:
@@ -54,8 +50,7 @@ class _ScaledSum:
 def _validate(model: nn.Module, bn: str, dtype: torch.dtype) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if bn not in BN_MODES:
-        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    check_bn_mode(bn)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
 
@@ -105,11 +100,16 @@ def px_scores(
         keep = () if classifier is None else (classifier,)
     kept = kept_parameter_names(model, tuple(keep))
     parameters = stream_parameters(model, weights, mask_values, kept, dtype)
-    buffers = stream_buffers(model, weights, dtype, bn)
+    buffers = {
+        name: b.to(dtype) if b.is_floating_point() else b for name, b in model.named_buffers()
+    }
+    if bn == "batch":
+        buffers.update({name: b.to(dtype) for name, b in batchnorm_buffer_copies(model).items()})
+    buffers.update(unit_prune_masks(weights, dtype))
 
     v = _ScaledSum()
     sample_shape = None
-    with restoring_state(model, weights):
+    with model_state_restored(model):
         with torch.no_grad():
             for x in iter_batches(data, device):
                 if sample_shape is not None and x.shape[1:] != sample_shape:

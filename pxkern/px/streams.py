@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from pxkern.evaluation import set_mode
 from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, op_name
 from pxkern.weights import PrunableWeight
 
@@ -255,52 +256,6 @@ def stream_parameters(
     return StreamParameters(gates, paths, kernel, kernel_weights, ones)
 
 
-@contextlib.contextmanager
-def restoring_state(model: nn.Module, weights: list[PrunableWeight]) -> Iterator[None]:
-    """Give back exactly what the streams change on the model: training flags and the
-    ``weight`` attributes that ``torch.nn.utils.prune`` hooks recompute on every forward."""
-    training = {m: m.training for m in model.modules()}
-    pruned_weights = {w.module: w.module.__dict__.get("weight") for w in weights if w.carried_mask is not None}
-    try:
-        yield
-    finally:
-        for m, flag in training.items():
-            m.training = flag
-        for m, value in pruned_weights.items():
-            m.__dict__["weight"] = value
-
-
-def set_stream_mode(model: nn.Module, stream: Stream, bn: str) -> None:
-    """Eval mode (dropout off, BN on running statistics); with ``bn="batch"`` BatchNorm
-    uses batch statistics in streams B and C, as the official code does."""
-    model.eval()
-    if bn == "batch" and stream is not Stream.GATES:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
-
-
-def stream_buffers(
-    model: nn.Module, weights: list[PrunableWeight], dtype: torch.dtype, bn: str
-) -> dict[str, torch.Tensor]:
-    """Buffers as the streams read them: cast to the stream dtype; copies where BN in
-    train mode would update running statistics; and all-ones ``weight_mask`` buffers of
-    ``torch.nn.utils.prune``, because the substituted weights carry the masks being
-    scored, which may differ from the ones the model carries."""
-    buffers = {}
-    for name, buffer in model.named_buffers():
-        if buffer.is_floating_point():
-            buffer = buffer.to(dtype)
-        if bn == "batch" and name.rpartition(".")[2] in {"running_mean", "running_var", "num_batches_tracked"}:
-            buffer = buffer.clone()
-        buffers[name] = buffer
-    for w in weights:
-        if w.carried_mask is not None:
-            mask_name = w.param_name.removesuffix("_orig") + "_mask"
-            buffers[mask_name] = torch.ones((), dtype=dtype, device=w.carried_mask.device).expand(w.shape)
-    return buffers
-
-
 def run_stream(
     model: nn.Module,
     state: StreamState,
@@ -311,7 +266,8 @@ def run_stream(
 ) -> tuple[torch.Tensor, int]:
     """One forward of ``model`` in ``state.stream``; returns the output's mantissa and
     exponent. ``x`` is the stream's input in true scale."""
-    set_stream_mode(model, state.stream, bn)
+    # The official code records gates in eval mode, also when B and C use batch statistics.
+    set_mode(model, batch_statistics=bn == "batch" and state.stream is not Stream.GATES)
     module_names = {m: name for name, m in model.named_modules()}
     mode = StreamMode(state, module_names)
     x = state.exponents.start(x)
