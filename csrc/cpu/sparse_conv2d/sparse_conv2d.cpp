@@ -1,0 +1,92 @@
+// ATen glue for pxkern::sparse_conv2d on the CPU: checks arguments, allocates the output
+// and calls the torch-free core in sparse_conv2d.h.
+#include "sparse_conv2d.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace pxkern {
+
+namespace {
+
+std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* name) {
+  TORCH_CHECK(v.size() == 2, "sparse_conv2d: ", name, " must have 2 elements, got ", v.size());
+  return {v[0], v[1]};
+}
+
+template <typename T>
+void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias, at::Tensor& out,
+         const sparse_conv2d::Geometry& g) {
+  sparse_conv2d::sparse_conv2d<T>(x.const_data_ptr<T>(), weight.const_data_ptr<T>(),
+                                  bias != nullptr ? bias->const_data_ptr<T>() : nullptr,
+                                  out.mutable_data_ptr<T>(), g, sparse_conv2d::select_isa(),
+                                  at::get_num_threads());
+}
+
+}  // namespace
+
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
+                             const std::optional<at::Tensor>& bias_in, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x_in.device().is_cpu() && weight_in.device().is_cpu(),
+              "sparse_conv2d: x and weight must be CPU tensors, got ", x_in.device(), " and ",
+              weight_in.device());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "sparse_conv2d: x must be float32 or float64, got ", x_in.scalar_type());
+  TORCH_CHECK(weight_in.scalar_type() == x_in.scalar_type(),
+              "sparse_conv2d: weight dtype ", weight_in.scalar_type(),
+              " must match x dtype ", x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() == 4, "sparse_conv2d: x must be 4-D [N, C_in, H, W], got shape ",
+              x_in.sizes());
+  TORCH_CHECK(weight_in.dim() == 4,
+              "sparse_conv2d: weight must be 4-D [C_out, C_in/groups, kh, kw], got shape ",
+              weight_in.sizes());
+  TORCH_CHECK(groups > 0, "sparse_conv2d: groups must be positive, got ", groups);
+  const auto [sh, sw] = pair_arg(stride, "stride");
+  const auto [ph, pw] = pair_arg(padding, "padding");
+  const auto [dh, dw] = pair_arg(dilation, "dilation");
+  TORCH_CHECK(sh > 0 && sw > 0, "sparse_conv2d: stride must be positive, got ", stride);
+  TORCH_CHECK(ph >= 0 && pw >= 0, "sparse_conv2d: padding must be non-negative, got ", padding);
+  TORCH_CHECK(dh > 0 && dw > 0, "sparse_conv2d: dilation must be positive, got ", dilation);
+
+  const int64_t c_in = x_in.size(1), c_out = weight_in.size(0);
+  TORCH_CHECK(weight_in.size(1) * groups == c_in, "sparse_conv2d: x has ", c_in,
+              " channels but weight of shape ", weight_in.sizes(), " with groups=", groups,
+              " expects ", weight_in.size(1) * groups);
+  TORCH_CHECK(c_out % groups == 0, "sparse_conv2d: out channels ", c_out,
+              " must be divisible by groups=", groups);
+
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->device().is_cpu(), "sparse_conv2d: bias must be a CPU tensor");
+    TORCH_CHECK(bias_in->scalar_type() == x.scalar_type(), "sparse_conv2d: bias dtype ",
+                bias_in->scalar_type(), " must match x dtype ", x.scalar_type());
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == c_out,
+                "sparse_conv2d: bias must have shape [", c_out, "], got ", bias_in->sizes());
+    bias = bias_in->contiguous();
+  }
+
+  const sparse_conv2d::Geometry g = sparse_conv2d::make_geometry(
+      x.size(0), c_in, x.size(2), x.size(3), c_out, weight.size(2), weight.size(3), groups, sh,
+      sw, ph, pw, dh, dw);
+  TORCH_CHECK(g.h_out > 0 && g.w_out > 0, "sparse_conv2d: dilated kernel ", weight.sizes(),
+              " (dilation ", dilation, ") does not fit the padded input ", x.sizes(),
+              " (padding ", padding, ")");
+
+  at::Tensor out = at::empty({g.n, c_out, g.h_out, g.w_out}, x.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor* bias_ptr = bias.defined() ? &bias : nullptr;
+  if (x.scalar_type() == at::kFloat) {
+    run<float>(x, weight, bias_ptr, out, g);
+  } else {
+    run<double>(x, weight, bias_ptr, out, g);
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(pxkern, CPU, m) { m.impl("sparse_conv2d", &sparse_conv2d_cpu); }
+
+}  // namespace pxkern

@@ -1,0 +1,448 @@
+// Direct sparse 2-D convolution on the CPU (torch-free core of pxkern::sparse_conv2d).
+//
+// Computes out = conv2d(x, weight, bias, stride, padding, dilation, groups) for a weight
+// that is mostly zeros, touching only its nonzero taps.
+//
+// Inputs (row-major, contiguous):
+//   x       [N, C_in, H, W]
+//   weight  [C_out, C_in / groups, kh, kw]   any values; zeros are skipped
+//   bias    [C_out] or nullptr
+// Output:
+//   out     [N, C_out, H_out, W_out], H_out = (H + 2 ph - dh (kh - 1) - 1) / sh + 1
+//
+// Algorithm:
+//   1. pack_taps: per output channel, the list of nonzero taps (input channel, ky, kx,
+//      value), stored as (offset into the prepared input sample, value) in CSR form.
+//   2. Per input sample (in a per-thread scratch buffer, refilled only when the sample
+//      changes) the zero-padded input is split into sh * sw polyphase planes:
+//      plane (py, px) of channel c holds padded[c][py + sh i][px + sw j]. A tap (ky, kx)
+//      then reads plane ((ky dh) % sh, (kx dw) % sw) at unit stride, shifted by
+//      ((ky dh) / sh, (kx dw) / sw), so padding and stride cost no branches and no
+//      strided loads in the hot loop. With stride 1 and no padding x is used in place.
+//   3. For each (sample, output channel) [OpenMP, dynamic over sample x channel blocks],
+//      the output plane is cut into register tiles of R rows x V vectors (R V <= 12
+//      accumulators, so a tile lives in ymm registers). For each tile the loop over the
+//      channel's taps does one broadcast and R V fused multiply-adds from shifted input
+//      rows; the tile is stored once. Partial last vectors use masked loads/stores, so
+//      no load leaves the sample buffer.
+//   AVX2+FMA path chosen at run time (__builtin_cpu_supports); a portable scalar path
+//   with the same structure otherwise, or when PXKERN_CPU_ISA=portable.
+//
+// Work and traffic (nnz = nonzeros of weight, P = H_out W_out):
+//   FLOPs  = 2 nnz N P  (one FMA per nonzero tap per output pixel per sample)
+//   DRAM   ~ sizeof(T) (N C_in H W + N C_out P) + nnz (8 + sizeof(T)) per call
+//   cache  : the prepared sample (C_in sh sw Hph Wph elements, 25-170 KB for CIFAR
+//            layers) is re-read from L1/L2 by every output channel; each tap of a tile
+//            reads R V vectors from it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define PXKERN_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#define PXKERN_AVX2_FN __attribute__((target("avx2,fma"))) inline
+#else
+#define PXKERN_HAVE_AVX2_PATH 0
+#endif
+
+namespace pxkern {
+namespace sparse_conv2d {
+
+enum class Isa { kPortable, kAvx2 };
+
+inline bool cpu_has_avx2_fma() {
+#if PXKERN_HAVE_AVX2_PATH
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// Best ISA of this CPU, unless PXKERN_CPU_ISA=portable forces the scalar path (used by the
+// tests to exercise both paths on one machine).
+inline Isa select_isa() {
+  const char* forced = std::getenv("PXKERN_CPU_ISA");
+  if (forced != nullptr && std::string(forced) == "portable") return Isa::kPortable;
+  return cpu_has_avx2_fma() ? Isa::kAvx2 : Isa::kPortable;
+}
+
+// Sizes of one convolution and of the prepared (padded, polyphase-split) input sample.
+struct Geometry {
+  int64_t n, c_in, h, w;
+  int64_t c_out, kh, kw, groups;
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t h_out = 0, w_out = 0;
+  int64_t hph = 0, wph = 0;      // rows / columns of one polyphase plane
+  bool in_place = false;         // stride 1 and no padding: x itself is the prepared sample
+  int64_t sample_numel = 0;      // elements of one prepared sample
+
+  int64_t c_in_per_group() const { return c_in / groups; }
+  int64_t c_out_per_group() const { return c_out / groups; }
+};
+
+// Output size as conv2d defines it; <= 0 when the dilated kernel does not fit.
+inline int64_t conv_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
+  return (in + 2 * p - d * (k - 1) - 1) / s + 1;
+}
+
+inline Geometry make_geometry(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out,
+                              int64_t kh, int64_t kw, int64_t groups, int64_t sh, int64_t sw,
+                              int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+  Geometry g{n, c_in, h, w, c_out, kh, kw, groups, sh, sw, ph, pw, dh, dw};
+  g.h_out = conv_out_size(h, kh, sh, ph, dh);
+  g.w_out = conv_out_size(w, kw, sw, pw, dw);
+  g.in_place = sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  g.hph = (h + 2 * ph + sh - 1) / sh;
+  g.wph = (w + 2 * pw + sw - 1) / sw;
+  g.sample_numel = c_in * sh * sw * g.hph * g.wph;
+  return g;
+}
+
+// Nonzero taps per output channel, CSR: taps of channel co are [row_ptr[co], row_ptr[co+1]).
+// offset: element offset of the tap's input row start in the prepared sample.
+template <typename T>
+struct PackedTaps {
+  std::vector<int64_t> row_ptr;
+  std::vector<int64_t> offset;
+  std::vector<T> value;
+};
+
+template <typename T>
+PackedTaps<T> pack_taps(const T* weight, const Geometry& g) {
+  PackedTaps<T> taps;
+  taps.row_ptr.reserve(g.c_out + 1);
+  taps.row_ptr.push_back(0);
+  const int64_t cig = g.c_in_per_group();
+  const int64_t plane = g.hph * g.wph;
+  for (int64_t co = 0; co < g.c_out; ++co) {
+    const int64_t c_base = (co / g.c_out_per_group()) * cig;
+    const T* wc = weight + co * cig * g.kh * g.kw;
+    for (int64_t ci = 0; ci < cig; ++ci) {
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const T v = wc[(ci * g.kh + ky) * g.kw + kx];
+          if (v == T(0)) continue;
+          const int64_t oy = ky * g.dh, ox = kx * g.dw;
+          const int64_t phase = (oy % g.sh) * g.sw + ox % g.sw;
+          const int64_t c = c_base + ci;
+          taps.offset.push_back((c * g.sh * g.sw + phase) * plane + (oy / g.sh) * g.wph +
+                                ox / g.sw);
+          taps.value.push_back(v);
+        }
+      }
+    }
+    taps.row_ptr.push_back(static_cast<int64_t>(taps.offset.size()));
+  }
+  return taps;
+}
+
+// Which polyphase planes the taps read, and per column phase the range of columns that
+// come from x (the rest is padding). Depends on the geometry only; computed once per call
+// so that preparing a sample does no divisions per row.
+struct SamplePlan {
+  std::vector<char> row_phase_used;  // [sh]
+  std::vector<char> col_phase_used;  // [sw]
+  std::vector<int64_t> col_begin;    // [sw] first column j with source column in [0, W)
+  std::vector<int64_t> col_end;      // [sw] one past the last such column
+};
+
+inline SamplePlan make_sample_plan(const Geometry& g) {
+  SamplePlan plan{std::vector<char>(g.sh, 0), std::vector<char>(g.sw, 0),
+                  std::vector<int64_t>(g.sw), std::vector<int64_t>(g.sw)};
+  for (int64_t ky = 0; ky < g.kh; ++ky) plan.row_phase_used[(ky * g.dh) % g.sh] = 1;
+  for (int64_t kx = 0; kx < g.kw; ++kx) plan.col_phase_used[(kx * g.dw) % g.sw] = 1;
+  for (int64_t px = 0; px < g.sw; ++px) {
+    // Source column of j is px - pw + sw j.
+    const int64_t j0 = std::min(g.wph, (g.pw - px + g.sw - 1) / g.sw);
+    plan.col_begin[px] = j0;
+    plan.col_end[px] = std::max(j0, std::min(g.wph, (g.w + g.pw - px + g.sw - 1) / g.sw));
+  }
+  return plan;
+}
+
+// Writes the zero-padded, polyphase-split copy of one input sample [C_in, H, W] into dst
+// (g.sample_numel elements). Phases no tap reads (e.g. 3 of 4 for a stride-2 1x1 conv)
+// are skipped.
+template <typename T>
+void prepare_sample(const T* x, const Geometry& g, const SamplePlan& plan, T* dst) {
+  const int64_t plane = g.hph * g.wph;
+  // Channel-major, then source row: the sw phases of one source row are written while
+  // the row is in L1.
+  for (int64_t c = 0; c < g.c_in; ++c) {
+    const T* xc = x + c * g.h * g.w;
+    for (int64_t py = 0; py < g.sh; ++py) {
+      if (!plan.row_phase_used[py]) continue;
+      for (int64_t i = 0; i < g.hph; ++i) {
+        const int64_t sy = py + g.sh * i - g.ph;
+        const bool zero_row = sy < 0 || sy >= g.h;
+        for (int64_t px = 0; px < g.sw; ++px) {
+          if (!plan.col_phase_used[px]) continue;
+          T* drow = dst + (c * g.sh * g.sw + py * g.sw + px) * plane + i * g.wph;
+          if (zero_row) {
+            std::fill(drow, drow + g.wph, T(0));
+            continue;
+          }
+          // Column j of this phase comes from x column px - pw + sw j.
+          const T* xrow = xc + sy * g.w;
+          const int64_t sx0 = px - g.pw, sw = g.sw;
+          const int64_t j0 = plan.col_begin[px], j1 = plan.col_end[px];
+          std::fill(drow, drow + j0, T(0));
+          if (sw == 1) {
+            std::memcpy(drow + j0, xrow + sx0 + j0, (j1 - j0) * sizeof(T));
+          } else {
+            for (int64_t j = j0; j < j1; ++j) drow[j] = xrow[sx0 + sw * j];
+          }
+          std::fill(drow + j1, drow + g.wph, T(0));
+        }
+      }
+    }
+  }
+}
+
+// One output plane [h_out, w_out] of one (sample, output channel): src is the prepared
+// sample, taps/values the channel's nonzero taps.
+template <typename T>
+struct PlaneArgs {
+  const T* src;
+  int64_t src_row_stride;
+  const int64_t* offset;
+  const T* value;
+  int64_t ntaps;
+  T bias;
+  T* dst;
+  int64_t h_out, w_out;
+};
+
+// Portable path: same tiling with plain loops (the compiler may vectorize it for the
+// baseline ISA).
+template <typename T>
+void plane_portable(const PlaneArgs<T>& a) {
+  constexpr int64_t kRows = 4, kCols = 16;
+  for (int64_t oy0 = 0; oy0 < a.h_out; oy0 += kRows) {
+    const int64_t rows = std::min(kRows, a.h_out - oy0);
+    for (int64_t ox0 = 0; ox0 < a.w_out; ox0 += kCols) {
+      const int64_t cols = std::min(kCols, a.w_out - ox0);
+      T acc[kRows][kCols];
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) acc[r][c] = a.bias;
+      const T* base = a.src + oy0 * a.src_row_stride + ox0;
+      for (int64_t t = 0; t < a.ntaps; ++t) {
+        const T* p = base + a.offset[t];
+        const T v = a.value[t];
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) acc[r][c] += v * p[r * a.src_row_stride + c];
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(a.dst + (oy0 + r) * a.w_out + ox0, acc[r], cols * sizeof(T));
+    }
+  }
+}
+
+#if PXKERN_HAVE_AVX2_PATH
+
+template <typename T>
+struct Avx2;
+
+template <>
+struct Avx2<float> {
+  using Vec = __m256;
+  static constexpr int kLanes = 8;
+  PXKERN_AVX2_FN static Vec set1(float v) { return _mm256_set1_ps(v); }
+  PXKERN_AVX2_FN static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  PXKERN_AVX2_FN static Vec maskload(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
+  PXKERN_AVX2_FN static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  PXKERN_AVX2_FN static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  PXKERN_AVX2_FN static void maskstore(float* p, __m256i m, Vec v) { _mm256_maskstore_ps(p, m, v); }
+  // All-ones in lanes [0, n).
+  PXKERN_AVX2_FN static __m256i first_lanes(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+};
+
+template <>
+struct Avx2<double> {
+  using Vec = __m256d;
+  static constexpr int kLanes = 4;
+  PXKERN_AVX2_FN static Vec set1(double v) { return _mm256_set1_pd(v); }
+  PXKERN_AVX2_FN static Vec load(const double* p) { return _mm256_loadu_pd(p); }
+  PXKERN_AVX2_FN static Vec maskload(const double* p, __m256i m) { return _mm256_maskload_pd(p, m); }
+  PXKERN_AVX2_FN static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_pd(a, b, c); }
+  PXKERN_AVX2_FN static void store(double* p, Vec v) { _mm256_storeu_pd(p, v); }
+  PXKERN_AVX2_FN static void maskstore(double* p, __m256i m, Vec v) { _mm256_maskstore_pd(p, m, v); }
+  PXKERN_AVX2_FN static __m256i first_lanes(int n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+};
+
+// 16 ymm registers: 12 accumulators, one broadcast weight, spare for address/mask.
+constexpr int kMaxAccumulators = 12;
+constexpr int kMaxVectorsPerRow = 4;
+
+// One R x V-vector register tile at (oy0, ox0); kTail: the last vector is partial and
+// goes through `tail` masked loads/stores.
+template <typename T, int R, int V, bool kTail>
+PXKERN_AVX2_FN void tile_avx2(const PlaneArgs<T>& a, int64_t oy0, int64_t ox0, __m256i tail) {
+  using S = Avx2<T>;
+  constexpr int L = S::kLanes;
+  typename S::Vec acc[R][V];
+  const typename S::Vec b = S::set1(a.bias);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = b;
+  const int64_t rs = a.src_row_stride;
+  const T* base = a.src + oy0 * rs + ox0;
+  for (int64_t t = 0; t < a.ntaps; ++t) {
+    const T* p = base + a.offset[t];
+    const typename S::Vec w = S::set1(a.value[t]);
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < V; ++v) {
+        const T* q = p + r * rs + v * L;
+        const typename S::Vec in = (kTail && v == V - 1) ? S::maskload(q, tail) : S::load(q);
+        acc[r][v] = S::fma(w, in, acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    T* d = a.dst + (oy0 + r) * a.w_out + ox0;
+    for (int v = 0; v < V; ++v) {
+      if (kTail && v == V - 1) {
+        S::maskstore(d + v * L, tail, acc[r][v]);
+      } else {
+        S::store(d + v * L, acc[r][v]);
+      }
+    }
+  }
+}
+
+// Picks the instantiation with R == rows (rows <= kMaxAccumulators / V).
+template <typename T, int V, bool kTail, int R = 1>
+PXKERN_AVX2_FN void tile_avx2_rows(int rows, const PlaneArgs<T>& a, int64_t oy0, int64_t ox0,
+                                   __m256i tail) {
+  if constexpr (R * V <= kMaxAccumulators) {
+    if (rows == R) {
+      tile_avx2<T, R, V, kTail>(a, oy0, ox0, tail);
+    } else {
+      tile_avx2_rows<T, V, kTail, R + 1>(rows, a, oy0, ox0, tail);
+    }
+  }
+}
+
+template <typename T, int V>
+PXKERN_AVX2_FN void tile_avx2_dispatch(int rows, bool has_tail, const PlaneArgs<T>& a,
+                                       int64_t oy0, int64_t ox0, __m256i tail) {
+  if (has_tail) {
+    tile_avx2_rows<T, V, true>(rows, a, oy0, ox0, tail);
+  } else {
+    tile_avx2_rows<T, V, false>(rows, a, oy0, ox0, tail);
+  }
+}
+
+template <typename T>
+PXKERN_AVX2_FN void plane_avx2(const PlaneArgs<T>& a) {
+  constexpr int64_t L = Avx2<T>::kLanes;
+  const int64_t nvec = (a.w_out + L - 1) / L;
+  const int64_t partial = a.w_out % L;
+  const __m256i tail = Avx2<T>::first_lanes(static_cast<int>(partial));
+  // Column blocks of at most kMaxVectorsPerRow vectors, sizes balanced (5 -> 3 + 2).
+  const int64_t nblocks = (nvec + kMaxVectorsPerRow - 1) / kMaxVectorsPerRow;
+  int64_t vec0 = 0;
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int vecs = static_cast<int>(nvec / nblocks + (blk < nvec % nblocks ? 1 : 0));
+    const bool has_tail = partial != 0 && vec0 + vecs == nvec;
+    const int64_t max_rows = kMaxAccumulators / vecs;
+    for (int64_t oy0 = 0; oy0 < a.h_out; oy0 += max_rows) {
+      const int rows = static_cast<int>(std::min(max_rows, a.h_out - oy0));
+      switch (vecs) {
+        case 1: tile_avx2_dispatch<T, 1>(rows, has_tail, a, oy0, vec0 * L, tail); break;
+        case 2: tile_avx2_dispatch<T, 2>(rows, has_tail, a, oy0, vec0 * L, tail); break;
+        case 3: tile_avx2_dispatch<T, 3>(rows, has_tail, a, oy0, vec0 * L, tail); break;
+        default: tile_avx2_dispatch<T, 4>(rows, has_tail, a, oy0, vec0 * L, tail); break;
+      }
+    }
+    vec0 += vecs;
+  }
+}
+
+#endif  // PXKERN_HAVE_AVX2_PATH
+
+// out[N, C_out, h_out, w_out] = conv2d(x, weight, bias) with geometry g (see file header).
+// bias may be nullptr. num_threads <= 0 uses the OpenMP default.
+template <typename T>
+void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geometry& g,
+                   Isa isa, int num_threads) {
+  if (g.n == 0 || g.c_out == 0 || g.h_out <= 0 || g.w_out <= 0) return;
+  const PackedTaps<T> taps = pack_taps(weight, g);
+  const SamplePlan plan = make_sample_plan(g);
+  const int64_t plane_out = g.h_out * g.w_out;
+  const int64_t x_sample = g.c_in * g.h * g.w;
+#if PXKERN_HAVE_AVX2_PATH
+  const bool use_avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
+#else
+  (void)isa;
+#endif
+#if defined(_OPENMP)
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  (void)num_threads;
+  const int threads = 1;
+#endif
+  // Split output channels only as far as needed to give every thread a few work items,
+  // so that a thread usually prepares each sample once and reuses it for all channels.
+  // Dynamic scheduling: items are 10-1000 us, and a thread that is preempted (shared
+  // machines) should not hold up the others.
+  const int64_t co_blocks =
+      std::min(g.c_out, std::max<int64_t>(1, (4 * threads + g.n - 1) / std::max<int64_t>(g.n, 1)));
+  const int64_t co_per_block = (g.c_out + co_blocks - 1) / co_blocks;
+  const int64_t items = g.n * co_blocks;
+
+#pragma omp parallel num_threads(threads) if (items > 1)
+  {
+    std::vector<T> scratch(g.in_place ? 0 : g.sample_numel);
+    int64_t prepared = -1;
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t n = item / co_blocks;
+      const int64_t co_begin = (item % co_blocks) * co_per_block;
+      const int64_t co_end = std::min(g.c_out, co_begin + co_per_block);
+      const T* src = x + n * x_sample;
+      if (!g.in_place) {
+        if (prepared != n) {
+          prepare_sample(src, g, plan, scratch.data());
+          prepared = n;
+        }
+        src = scratch.data();
+      }
+      for (int64_t co = co_begin; co < co_end; ++co) {
+        const int64_t t0 = taps.row_ptr[co];
+        const PlaneArgs<T> a{src,
+                             g.wph,
+                             taps.offset.data() + t0,
+                             taps.value.data() + t0,
+                             taps.row_ptr[co + 1] - t0,
+                             bias != nullptr ? bias[co] : T(0),
+                             out + (n * g.c_out + co) * plane_out,
+                             g.h_out,
+                             g.w_out};
+#if PXKERN_HAVE_AVX2_PATH
+        if (use_avx2) {
+          plane_avx2(a);
+          continue;
+        }
+#endif
+        plane_portable(a);
+      }
+    }
+  }
+}
+
+}  // namespace sparse_conv2d
+}  // namespace pxkern

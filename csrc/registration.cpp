@@ -1,0 +1,18 @@
+// Defines the schema of every pxkern op, once. Backend implementations register against
+// these names with TORCH_LIBRARY_IMPL next to their kernels (csrc/cpu/<op>/<op>.cpp);
+// fake (meta) implementations live in pxkern/ops/<op>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import pxkern._C` loads this library, which runs the registrations below. The module
+// itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(pxkern, m) {
+  m.def(
+      "sparse_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> Tensor");
+}

@@ -1,0 +1,2 @@
+"""Individual kernels, one module per op; each falls back to plain PyTorch without the
+compiled extension."""

@@ -1,0 +1,264 @@
+"""pxkern sparse_conv2d against F.conv2d evaluated in float64."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pxkern._extension import EXTENSION_AVAILABLE
+from pxkern.ops.sparse_conv2d import (
+    SPARSE_CONV2D_CROSSOVER_DENSITY,
+    should_use_sparse_conv2d,
+    sparse_conv2d,
+)
+
+needs_extension = pytest.mark.skipif(
+    not EXTENSION_AVAILABLE,
+    reason="pxkern._C is not built (pip install --no-build-isolation -e .)",
+)
+
+# (atol, rtol) against the float64 reference; float32 sums of up to ~200 products.
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}
+DENSITIES = (1.0, 0.3, 0.05, 0.0)
+
+
+@pytest.fixture(params=["auto", "portable"])
+def isa(request, monkeypatch):
+    """Runs a test on the best ISA of this CPU and on the forced portable path."""
+    if request.param == "portable":
+        if not EXTENSION_AVAILABLE:
+            pytest.skip("ISA selection needs the pxkern._C extension")
+        monkeypatch.setenv("PXKERN_CPU_ISA", "portable")
+    else:
+        monkeypatch.delenv("PXKERN_CPU_ISA", raising=False)
+    return request.param
+
+
+def assert_close_to_reference(actual, expected, dtype, context: str) -> None:
+    """Compares with the float64 reference; on failure names the first bad index and the
+    largest absolute and relative errors."""
+    atol, rtol = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{context}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == dtype, f"{context}: dtype {actual.dtype} != {dtype}"
+    actual = actual.double()
+    err = (actual - expected).abs()
+    bad = ~(err <= atol + rtol * expected.abs())
+    if bad.any():
+        first = tuple(bad.nonzero()[0].tolist())
+        rel = (err / expected.abs().clamp_min(1e-30)).max().item()
+        raise AssertionError(
+            f"{context}: {int(bad.sum())} of {bad.numel()} elements off; first at {first}: "
+            f"got {actual[first].item():.9g}, expected {expected[first].item():.9g}; "
+            f"max abs err {err.max().item():.3g}, max rel err {rel:.3g} (atol={atol}, rtol={rtol})"
+        )
+
+
+def random_conv_inputs(n, c_in, hw, c_out, kernel, groups, density, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, *hw, generator=gen, dtype=torch.float64)
+    w_shape = (c_out, c_in // groups, *kernel)
+    weight = torch.randn(w_shape, generator=gen, dtype=torch.float64)
+    weight *= torch.rand(w_shape, generator=gen, dtype=torch.float64) < density
+    bias = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    return x.to(dtype), weight.to(dtype), bias.to(dtype)
+
+
+def check_against_reference(x, weight, bias, stride, padding, dilation, groups, context):
+    expected = F.conv2d(
+        x.double(), weight.double(), None if bias is None else bias.double(),
+        stride, padding, dilation, groups,
+    )
+    actual = sparse_conv2d(x, weight, bias, stride, padding, dilation, groups)
+    assert_close_to_reference(actual, expected, x.dtype, context)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation,groups",
+    list(itertools.product((1, 3, 5), (1, 2), (0, 1, 2), (1, 2), (1, 2))),
+)
+def test_matches_conv2d_odd_shapes(isa, dtype, kernel, stride, padding, dilation, groups):
+    # Odd sizes (C_in=5, C_out=7, 11x13) for groups=1; the nearest group-divisible ones else.
+    c_in, c_out = (5, 7) if groups == 1 else (6, 4)
+    for density, with_bias in itertools.product(DENSITIES, (True, False)):
+        x, weight, bias = random_conv_inputs(
+            3, c_in, (11, 13), c_out, (kernel, kernel), groups, density, dtype
+        )
+        check_against_reference(
+            x, weight, bias if with_bias else None, stride, padding, dilation, groups,
+            f"density={density} bias={with_bias}",
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "hw,kernel,stride,padding,dilation",
+    [
+        ((9, 45), (3, 3), (1, 1), (1, 1), (1, 1)),  # 45 columns: several column blocks + tail
+        ((7, 70), (1, 3), (1, 2), (0, 1), (1, 1)),  # rectangular kernel, per-axis stride
+        ((20, 6), (3, 1), (3, 1), (2, 0), (2, 1)),  # output narrower than one vector
+        ((1, 1), (1, 1), (1, 1), (0, 0), (1, 1)),   # single pixel
+        ((4, 4), (5, 5), (2, 2), (2, 2), (1, 1)),   # kernel larger than the unpadded input
+    ],
+)
+def test_matches_conv2d_unusual_geometry(isa, dtype, hw, kernel, stride, padding, dilation):
+    for density in (1.0, 0.3):
+        x, weight, bias = random_conv_inputs(2, 3, hw, 5, kernel, 1, density, dtype)
+        check_against_reference(x, weight, bias, stride, padding, dilation, 1, f"density={density}")
+
+
+@pytest.mark.parametrize(
+    "c_in,c_out,hw,kernel,stride,padding",
+    [
+        (16, 16, 32, 3, 1, 1),  # ResNet-20 stage 1
+        (32, 32, 16, 3, 1, 1),  # stage 2
+        (64, 64, 8, 3, 1, 1),   # stage 3
+        (16, 32, 32, 3, 2, 1),  # downsampling 3x3
+        (16, 32, 32, 1, 2, 0),  # 1x1 projection shortcut
+    ],
+)
+def test_matches_conv2d_resnet20_shapes(isa, c_in, c_out, hw, kernel, stride, padding):
+    for density in (0.5, 0.02):
+        x, weight, bias = random_conv_inputs(
+            2, c_in, (hw, hw), c_out, (kernel, kernel), 1, density, torch.float32
+        )
+        check_against_reference(x, weight, bias, stride, padding, 1, 1, f"density={density}")
+
+
+def test_all_zero_weight_gives_bias(isa):
+    x = torch.randn(2, 4, 9, 7)
+    weight = torch.zeros(3, 4, 3, 3)
+    bias = torch.tensor([1.5, -2.0, 0.25])
+    out = sparse_conv2d(x, weight, bias, padding=1)
+    assert torch.equal(out, bias.view(1, 3, 1, 1).expand(2, 3, 9, 7))
+    assert torch.equal(sparse_conv2d(x, weight), torch.zeros(2, 3, 7, 5))
+
+
+def test_non_contiguous_inputs(isa):
+    x, weight, bias = random_conv_inputs(2, 6, (10, 12), 4, (3, 3), 1, 0.4, torch.float32)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1)
+    channels_last = sparse_conv2d(x.to(memory_format=torch.channels_last), weight, bias, padding=1)
+    assert_close_to_reference(channels_last, expected, torch.float32, "channels_last x")
+    transposed = x.transpose(2, 3).contiguous().transpose(2, 3)
+    strided_weight = torch.stack([weight, torch.zeros_like(weight)], dim=1)[:, 0]
+    assert not transposed.is_contiguous() and not strided_weight.is_contiguous()
+    out = sparse_conv2d(transposed, strided_weight, bias, padding=1)
+    assert_close_to_reference(out, expected, torch.float32, "transposed x, strided weight")
+
+
+def test_tuple_arguments_and_zero_batch():
+    x, weight, _ = random_conv_inputs(2, 3, (9, 8), 4, (3, 2), 1, 0.5, torch.float64)
+    check_against_reference(x, weight, None, (2, 1), (1, 0), (1, 2), 1, "pairs")
+    empty = sparse_conv2d(torch.zeros(0, 3, 9, 8, dtype=torch.float64), weight, padding=1)
+    assert empty.shape == (0, 4, 9, 9)
+
+
+@pytest.mark.parametrize(
+    "args,error,message",
+    [
+        ((torch.randn(2, 3, 8, 8).half(), torch.randn(4, 3, 3, 3).half()), TypeError,
+         "float32 or float64"),
+        ((torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3).double()), TypeError, "must match"),
+        ((torch.randn(2, 3, 8, 8), torch.randn(4, 2, 3, 3)), ValueError, "3 channels"),
+        ((torch.randn(3, 8, 8), torch.randn(4, 3, 3, 3)), ValueError, "x must be 4-D"),
+        ((torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5)), ValueError,
+         "bias must be"),
+    ],
+)
+def test_bad_input_python(args, error, message):
+    with pytest.raises(error, match=message):
+        sparse_conv2d(*args)
+
+
+def test_bad_arguments_python():
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(4, 2, 3, 3)
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        sparse_conv2d(x, w, groups=0)
+    with pytest.raises(ValueError, match="stride >= 1"):
+        sparse_conv2d(x, w, stride=0, groups=2)
+    with pytest.raises(ValueError, match="pair of ints"):
+        sparse_conv2d(x, w, padding=(1, 1, 1), groups=2)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "x,weight,bias,message",
+    [
+        (torch.randn(2, 3, 8, 8).half(), torch.randn(4, 3, 3, 3).half(), None, "float32 or float64"),
+        (torch.randn(2, 3, 8, 8), torch.randn(4, 2, 3, 3), None, "x has 3 channels"),
+        (torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(3), "bias must have shape"),
+        (torch.randn(2, 3, 2, 2), torch.randn(4, 3, 3, 3), None, "does not fit"),
+    ],
+)
+def test_bad_input_registered_op(x, weight, bias, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pxkern.sparse_conv2d(x, weight, bias, [1, 1], [0, 0], [1, 1], 1)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "bias,stride,padding,dilation,groups",
+    [(True, [1, 1], [1, 1], [1, 1], 1), (False, [2, 2], [0, 1], [1, 2], 2)],
+)
+def test_opcheck(bias, stride, padding, dilation, groups):
+    x, weight, b = random_conv_inputs(2, 4, (9, 11), 6, (3, 3), groups, 0.3, torch.float32)
+    torch.library.opcheck(
+        torch.ops.pxkern.sparse_conv2d.default,
+        (x, weight, b if bias else None, stride, padding, dilation, groups),
+    )
+
+
+@needs_extension
+def test_should_use_sparse_conv2d_by_density():
+    x_shape = (128, 16, 32, 32)
+    weight = torch.randn(16, 16, 3, 3)
+    assert not should_use_sparse_conv2d(weight, x_shape)
+    mask = torch.zeros(weight.numel())
+    mask[: int(SPARSE_CONV2D_CROSSOVER_DENSITY * weight.numel() * 0.5)] = 1
+    assert should_use_sparse_conv2d(weight * mask.view_as(weight), x_shape)
+    with pytest.raises(ValueError, match="x_shape"):
+        should_use_sparse_conv2d(weight, (16, 32, 32))
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env},
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_pure_pytorch_fallback_when_disabled():
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from pxkern._extension import EXTENSION_AVAILABLE\n"
+        "from pxkern.ops.sparse_conv2d import sparse_conv2d, should_use_sparse_conv2d\n"
+        "assert not EXTENSION_AVAILABLE\n"
+        "x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)\n"
+        "assert torch.equal(sparse_conv2d(x, w, None, 1, 1), F.conv2d(x, w, None, 1, 1))\n"
+        "assert not should_use_sparse_conv2d(torch.zeros(4, 3, 3, 3), x.shape)\n"
+    )
+    result = _run_python(code, PXKERN_DISABLE_EXTENSION="1")
+    assert result.returncode == 0, result.stderr
+    assert "could not be loaded" not in result.stderr
+
+
+def test_missing_extension_warns_once_with_build_hint():
+    # sys.modules[name] = None makes `import pxkern._C` raise ImportError.
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['pxkern._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import pxkern._extension as ext\n"
+        "    import pxkern.ops.sparse_conv2d\n"
+        "assert not ext.EXTENSION_AVAILABLE\n"
+        "messages = [str(w.message) for w in caught if 'pxkern C++ extension' in str(w.message)]\n"
+        "assert len(messages) == 1, messages\n"
+        "assert 'pip install --no-build-isolation -e .' in messages[0], messages[0]\n"
+    )
+    result = _run_python(code, PXKERN_DISABLE_EXTENSION="0")
+    assert result.returncode == 0, result.stderr
