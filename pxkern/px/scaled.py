@@ -153,14 +153,21 @@ def magnitude_exponent(tensor: torch.Tensor) -> int | None:
     """``r`` with ``max|tensor|`` in ``[2**(r-1), 2**r)``; None for empty or all-zero."""
     if tensor.numel() == 0:
         return None
-    # aminmax reads the tensor once and allocates no |tensor| temporary.
-    low, high = torch.aminmax(tensor.detach())
+    # aminmax reads the tensor once and allocates no |tensor| temporary; broadcast
+    # (stride-0) dimensions are read once, not once per repeat.
+    low, high = torch.aminmax(_broadcast_base(tensor.detach()))
     peak = torch.maximum(-low, high)
     if not torch.isfinite(peak):
         raise FloatingPointError("a PX stream value is not finite before rescaling")
     if peak == 0:
         return None
     return int(torch.frexp(peak).exponent)
+
+
+def _broadcast_base(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without the repeats of its stride-0 (expanded) dimensions."""
+    index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in tensor.stride())
+    return tensor[index]
 
 
 def _scaled_constant(value: Any, exponent: int) -> Any:
@@ -185,6 +192,20 @@ class _Signature:
 
 
 _BATCH_NORM = _Signature(F.batch_norm)
+
+
+def _channel_broadcast_batch_norm(input, running_mean, running_var, weight, bias, eps, **_) -> torch.Tensor:
+    """Eval BatchNorm of an input that is the same in every channel (stride 0, as the
+    all-ones weights of stream B make it): one broadcast ``scale * x + shift`` that reads
+    the single channel, where BatchNorm's kernel would walk the expanded layout."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    shape = (1, -1, *[1] * (input.dim() - 2))
+    return torch.addcmul(shift.reshape(shape), input[:, :1], scale.reshape(shape))
 
 
 class ScaledArithmetic:
@@ -244,6 +265,9 @@ class ScaledArithmetic:
             a["running_mean"] = _scaled_constant(a["running_mean"], exponent)
             a["bias"] = _scaled_constant(a["bias"], exponent)
             out_exponent = exponent
+            x = a["input"]
+            if x.dim() > 1 and x.stride(1) == 0:
+                return self.exponents.tag(_channel_broadcast_batch_norm(**a), out_exponent)
         return self.exponents.tag(func(*bound.args, **bound.kwargs), out_exponent)
 
     def self_normalizing(self, func: Callable, args: tuple, kwargs: dict) -> Any:

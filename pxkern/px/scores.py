@@ -26,7 +26,7 @@ from pxkern.px.streams import (
     run_stream,
     stream_parameters,
 )
-from pxkern.weights import last_linear_name, prunable_weights, resolve_masks
+from pxkern.weights import is_all_ones, last_linear_name, prunable_weights, resolve_masks
 
 
 class _ScaledSum:
@@ -136,21 +136,29 @@ def px_scores(
 
 
 def _scores_from_kernel(z2, v, kernel_weights, weights, masks) -> dict[str, torch.Tensor]:
-    """``S_l = |dR/dP_l| * W_l**2`` (masked), normalized so that the largest is 1."""
+    """``S_l = |dR/dP_l| * W_l**2`` (masked), normalized so that the largest is 1.
+
+    Computed in place in the stream dtype: the gradients come out of the mantissa graph
+    within a few powers of two of 1 (every stream value was renormalized), so after one
+    global power-of-two rescale of the gradients the products stay far from float32's
+    limits; weight-sized float64 temporaries would cost more than stream C itself on VGGs.
+    """
     peak = v.mantissa.abs().max()
     cotangent = (v.mantissa / peak if peak > 0 else v.mantissa).to(z2.dtype)
     cotangent = cotangent.expand_as(z2) / z2.shape[0]
     leaves = [kernel_weights[w.name] for w in weights]
     grads = torch.autograd.grad(z2, leaves, grad_outputs=cotangent, allow_unused=True)
+    grads = [torch.zeros_like(leaf) if g is None else g.abs_() for leaf, g in zip(leaves, grads)]
+    largest = max(float(g.max()) for g in grads)
+    if not math.isfinite(largest):
+        raise FloatingPointError("PX gradients are not finite; please report this model")
+    shift = -math.frexp(largest)[1] if largest > 0 else 0
     scores = {}
     for w, grad in zip(weights, grads):
-        # float64 here costs little (weight-sized) and keeps tiny products from flushing to 0.
-        weight = w.param.detach().double()
-        if grad is None:
-            scores[w.name] = torch.zeros_like(weight)
-            continue
-        scores[w.name] = grad.double().abs() * (weight * weight) * masks[w.name].double()
+        weight = w.param.detach().to(grad.dtype)
+        score = grad.mul_(math.ldexp(1.0, shift)).mul_(weight).mul_(weight)
+        if not is_all_ones(masks[w.name]):
+            score.mul_(masks[w.name].to(score.dtype))
+        scores[w.name] = score
     top = max(float(s.max()) for s in scores.values())
-    if not math.isfinite(top):
-        raise FloatingPointError("PX scores are not finite; please report this model")
-    return {name: (s / top if top > 0 else s).float() for name, s in scores.items()}
+    return {name: (s.div_(top) if top > 0 else s).float() for name, s in scores.items()}

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from pxkern.evaluation import set_mode
 from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, op_name
-from pxkern.weights import PrunableWeight
+from pxkern.weights import PrunableWeight, is_all_ones
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
@@ -59,6 +59,8 @@ class StreamState:
 
     stream: Stream
     exponents: Exponents
+    # A's ``1[input > 0]`` in the stream dtype: a float multiply is several times faster
+    # than any masking by a bool tensor on the CPU.
     gates: list[torch.Tensor] = field(default_factory=list)
     ones_weights: set[int] = field(default_factory=set)  # ids of all-ones B weights
 
@@ -146,11 +148,15 @@ class StreamMode(TorchFunctionMode):
         if stream is Stream.KERNEL:
             return x
         if stream is Stream.GATES:
-            self.state.gates.append(x > 0)
             y = torch.nn.functional.leaky_relu(x, slope, inplace)
+            # sign(activation) is the gate in one cheap pass; LeakyReLU's -1s become 0.
+            gate = torch.sign(y)
+            self.state.gates.append(gate.clamp_(min=0) if slope else gate)
         else:
+            # Each gate is read once: writing the product into it spares an allocation
+            # (and its page faults) per ReLU.
             gate = self.next_gate(x)
-            y = x.mul_(gate) if inplace else x * gate
+            y = x.mul_(gate) if inplace else gate.mul_(x)
         return exponents.tag(y, exponent) if exponent is not None else y
 
     def next_gate(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,6 +168,7 @@ class StreamMode(TorchFunctionMode):
                 f"forward whose structure does not depend on parameter values"
             )
         gate = gates[self.relu_calls]
+        gates[self.relu_calls] = None  # consumed: B reuses its memory
         self.relu_calls += 1
         return gate
 
@@ -239,10 +246,11 @@ def stream_parameters(
         prunable = by_param.get(name)
         if prunable is not None:
             mask = masks[prunable.name].to(dtype)
-            masked = p * mask
+            unmasked = is_all_ones(mask)
+            masked = p if unmasked else p * mask
             gates[name] = masked
             paths[name] = masked if is_kept else mask
-            if not is_kept and all(s == 0 for s in mask.stride()) and mask.numel():
+            if unmasked and not is_kept:
                 ones.add(id(mask))
             leaf = (masked if is_kept else masked * masked).requires_grad_()
             kernel[name] = leaf
