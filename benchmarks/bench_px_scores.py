@@ -9,7 +9,8 @@ For each model, on one batch:
 Then the whole iterative prune of ResNet-20 to density 0.018 in 100 rounds: ``pxkern.prune``
 against the same loop around the authors' algorithm (score, global top-k, combine masks).
 
-Every time is the median of ``--repeats`` runs after one warm-up. The authors' float32
+Every time is the median of ``--repeats`` runs after one warm-up; the forward, pxkern and
+the authors' algorithm run in turn within each repeat, so machine drift hits all alike. The authors' float32
 streams overflow on these networks (px-spec.md section 5): their scores are timed, not used.
 
 Usage: python benchmarks/bench_px_scores.py [--quick] [--json results/px_scores.json]
@@ -26,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmarks.common import median_seconds, print_table, write_json
+from benchmarks.common import interleaved_medians, median_seconds, print_table, write_json
 from pxkern import px_scores
 from pxkern.models import cifar_resnet, cifar_vgg, resnet18
 from pxkern.pruning import prune
@@ -61,10 +62,16 @@ def score_row(case: Case, repeats: int, quick: bool) -> dict:
     model = case.build().eval()
     batch = case.batch // 4 if quick else case.batch
     x = torch.randn(batch, 3, case.image, case.image)
-    with torch.no_grad():
-        forward = median_seconds(lambda: model(x), repeats=repeats)
-    ours = median_seconds(lambda: px_scores(model, x), repeats=repeats)
-    authors = median_seconds(lambda: authors_px_scores(model, x), repeats=repeats)
+    def forward_pass():
+        with torch.no_grad():
+            model(x)
+
+    times = interleaved_medians(
+        {"forward": forward_pass, "pxkern": lambda: px_scores(model, x),
+         "authors": lambda: authors_px_scores(model, x)},
+        repeats=repeats,
+    )
+    forward, ours, authors = times["forward"], times["pxkern"], times["authors"]
     return {
         "model": case.name, "batch": batch, "forward_ms": forward * 1e3,
         "pxkern_ms": ours * 1e3, "authors_ms": authors * 1e3,

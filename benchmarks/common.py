@@ -25,6 +25,21 @@ def median_seconds(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) 
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5) -> dict[str, float]:
+    """Median wall time of each function, the functions run in turn within every repeat:
+    on a shared machine whose speed drifts, each ratio then compares like with like."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -67,12 +67,13 @@ def test_zoo_matches_float64_reference(name, dtype):
     assert_same_topk_masks(actual, expected)
 
 
+@pytest.mark.parametrize("density", [0.4, 0.1])  # 0.1 runs A and B through sparse_conv2d
 @pytest.mark.parametrize("name", ["mlp", "resnet20", "vgg16_bn", "resnet18_tv", "conv1d_net"])
-def test_masks_and_train_mode_model_untouched(name):
+def test_masks_and_train_mode_model_untouched(name, density):
     model, x = zoo.ZOO[name]()
     zoo.randomize_norms(model)
     model.train()
-    masks = _random_masks(model, 0.4)
+    masks = _random_masks(model, density)
     before = _snapshot(model)
     actual = px_scores(model, x, masks=masks)
     _assert_untouched(model, before)

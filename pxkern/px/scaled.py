@@ -165,9 +165,13 @@ def magnitude_exponent(tensor: torch.Tensor) -> int | None:
 
 
 def _broadcast_base(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` without the repeats of its stride-0 (expanded) dimensions."""
+    """``tensor`` without the repeats of its stride-0 (expanded) dimensions, as a dense
+    view in memory order where it is one: reductions on a channels-last tensor would
+    otherwise first copy it to the contiguous layout."""
     index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in tensor.stride())
-    return tensor[index]
+    base = tensor[index]
+    in_memory_order = base.permute(sorted(range(base.dim()), key=lambda d: -base.stride(d)))
+    return in_memory_order.view(-1) if in_memory_order.is_contiguous() else base
 
 
 def _scaled_constant(value: Any, exponent: int) -> Any:
@@ -205,7 +209,16 @@ def _channel_broadcast_batch_norm(input, running_mean, running_var, weight, bias
     if bias is not None:
         shift = shift + bias
     shape = (1, -1, *[1] * (input.dim() - 2))
-    return torch.addcmul(shift.reshape(shape), input[:, :1], scale.reshape(shape))
+    out = empty_in_stream_layout(input)
+    return torch.addcmul(shift.reshape(shape), input[:, :1], scale.reshape(shape), out=out)
+
+
+def empty_in_stream_layout(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor shaped like ``like`` in the layout of the streams: images
+    travel channels-last (pxkern.px.scores), and a result made from broadcast values
+    must follow, or every op after it reads across layouts at several times the cost."""
+    layout = torch.channels_last if like.dim() == 4 else torch.contiguous_format
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device, memory_format=layout)
 
 
 class ScaledArithmetic:
