@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pxkern._extension import EXTENSION_AVAILABLE
-from pxkern.ops.sparse_conv2d import SPARSE_CONV2D_CROSSOVER_DENSITY, sparse_conv2d
+from pxkern.ops.sparse_conv2d import MAX_SPARSE_DENSITY, sparse_conv2d
 
 DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
 
@@ -140,7 +140,7 @@ def main() -> None:
     for shape in SHAPES:
         winning = [r["density"] for r in rows if r["name"] == shape.name and r["speedup_vs_dense"] > 1]
         print(f"  {shape.name:<26} {max(winning) if winning else 'none'}")
-    print(f"(SPARSE_CONV2D_CROSSOVER_DENSITY = {SPARSE_CONV2D_CROSSOVER_DENSITY})")
+    print(f"(densities above MAX_SPARSE_DENSITY = {MAX_SPARSE_DENSITY} always run dense)")
 
     if args.json:
         report = {

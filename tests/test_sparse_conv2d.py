@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from pxkern._extension import EXTENSION_AVAILABLE
 from pxkern.ops.sparse_conv2d import (
-    SPARSE_CONV2D_CROSSOVER_DENSITY,
-    should_use_sparse_conv2d,
+    prefer_sparse_conv2d,
     sparse_conv2d,
 )
 
@@ -213,15 +212,23 @@ def test_opcheck(bias, stride, padding, dilation, groups):
 
 
 @needs_extension
-def test_should_use_sparse_conv2d_by_density():
-    x_shape = (128, 16, 32, 32)
-    weight = torch.randn(16, 16, 3, 3)
-    assert not should_use_sparse_conv2d(weight, x_shape)
-    mask = torch.zeros(weight.numel())
-    mask[: int(SPARSE_CONV2D_CROSSOVER_DENSITY * weight.numel() * 0.5)] = 1
-    assert should_use_sparse_conv2d(weight * mask.view_as(weight), x_shape)
-    with pytest.raises(ValueError, match="x_shape"):
-        should_use_sparse_conv2d(weight, (16, 32, 32))
+def test_prefer_sparse_conv2d_measures_and_remembers(monkeypatch):
+    import pxkern.ops.sparse_conv2d as op
+
+    x = torch.randn(4, 8, 12, 12)
+    dense = torch.randn(8, 8, 3, 3)
+    assert not prefer_sparse_conv2d(x, dense, 1, 1, 1, 1), "above MAX_SPARSE_DENSITY"
+    assert prefer_sparse_conv2d(x, torch.zeros(8, 8, 3, 3), 1, 1, 1, 1), "all-zero weight"
+    assert not prefer_sparse_conv2d(x, dense * 0, 1, "same", 1, 1), "string padding"
+    sparse = dense * (torch.rand(dense.shape, generator=torch.Generator().manual_seed(0)) < 0.2)
+    measured = []
+    monkeypatch.setattr(op, "_WINNERS", {})
+    monkeypatch.setattr(op, "_sparse_is_faster", lambda *args: measured.append(args) or True)
+    assert prefer_sparse_conv2d(x, sparse, 1, 1, 1, 1)
+    assert prefer_sparse_conv2d(x, sparse, 1, 1, 1, 1)
+    assert len(measured) == 1, "a configuration is measured once"
+    prefer_sparse_conv2d(x.contiguous(memory_format=torch.channels_last), sparse, 1, 1, 1, 1)
+    assert len(measured) == 2, "the layout is part of the configuration"
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -235,11 +242,11 @@ def test_pure_pytorch_fallback_when_disabled():
     code = (
         "import torch, torch.nn.functional as F\n"
         "from pxkern._extension import EXTENSION_AVAILABLE\n"
-        "from pxkern.ops.sparse_conv2d import sparse_conv2d, should_use_sparse_conv2d\n"
+        "from pxkern.ops.sparse_conv2d import sparse_conv2d, prefer_sparse_conv2d\n"
         "assert not EXTENSION_AVAILABLE\n"
         "x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)\n"
         "assert torch.equal(sparse_conv2d(x, w, None, 1, 1), F.conv2d(x, w, None, 1, 1))\n"
-        "assert not should_use_sparse_conv2d(torch.zeros(4, 3, 3, 3), x.shape)\n"
+        "assert not prefer_sparse_conv2d(x, torch.zeros(4, 3, 3, 3), 1, 1, 1, 1)\n"
     )
     result = _run_python(code, PXKERN_DISABLE_EXTENSION="1")
     assert result.returncode == 0, result.stderr

@@ -6,6 +6,7 @@ the 0/1 mask ``M``, whose density falls to ~2 % during iterative pruning). Forwa
 no autograd formula is registered, use it under ``torch.no_grad()``.
 """
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -14,14 +15,17 @@ from torch import Tensor
 
 from pxkern._extension import EXTENSION_AVAILABLE
 
-__all__ = ["sparse_conv2d", "should_use_sparse_conv2d", "SPARSE_CONV2D_CROSSOVER_DENSITY"]
+__all__ = ["sparse_conv2d", "prefer_sparse_conv2d", "MAX_SPARSE_DENSITY"]
 
-# Weight density (nonzeros / numel) at or below which sparse_conv2d beats F.conv2d (oneDNN)
-# on the masked dense weight. Measured with benchmarks/bench_sparse_conv2d.py (float32,
-# 1 and 2 threads, 2-core AMD EPYC with AVX2+FMA, torch 2.13 CPU) on ResNet-20 (N=128)
-# and VGG-16 (N=64) 3x3 layers: break-even is near density 0.5 (0.99x-1.6x there); at 0.3
-# the sparse kernel wins on every layer (1.2x for the stride-2 layer, 1.6x-2.4x otherwise).
-SPARSE_CONV2D_CROSSOVER_DENSITY = 0.3
+# Above this weight density sparse_conv2d never beat F.conv2d (oneDNN) in
+# benchmarks/bench_sparse_conv2d.py (ResNet-20 and VGG-16 layers, 2-core AVX2 CPU), so
+# denser weights are not even measured.
+MAX_SPARSE_DENSITY = 0.5
+
+# Which kernel won, per configuration: oneDNN's speed depends on the layout (channels-last
+# input is up to 4x faster on 16-channel layers here) and the sparse kernel's on density
+# and shape, so no single crossover density holds. Densities are bucketed by tenths.
+_WINNERS: dict[tuple, bool] = {}
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -103,22 +107,42 @@ def sparse_conv2d(
     return F.conv2d(x, weight, bias, stride_hw, padding_hw, dilation_hw, groups)
 
 
-def should_use_sparse_conv2d(weight: Tensor, x_shape: Sequence[int]) -> bool:
-    """Whether ``sparse_conv2d`` is expected to beat ``F.conv2d`` for this weight.
+def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether ``sparse_conv2d`` beats ``F.conv2d`` for this call, as measured.
 
-    Args:
-        weight: ``[C_out, C_in / groups, kh, kw]`` (masked) weight.
-        x_shape: shape ``[N, C_in, H, W]`` of the input it will be applied to.
-
-    Decides by weight density against ``SPARSE_CONV2D_CROSSOVER_DENSITY``; False when the
-    extension is not available or the input is not on the CPU path it was measured for.
+    The first call of a configuration (shapes, layout, strides, dtype, threads, weight
+    density to a tenth) times both kernels twice on the real inputs and remembers the
+    faster; later calls only look it up. False without the extension, off the CPU, for
+    string paddings and above ``MAX_SPARSE_DENSITY``; True for an all-zero weight.
     """
-    if len(x_shape) != 4:
-        raise ValueError(f"should_use_sparse_conv2d: x_shape must be [N, C_in, H, W], got {x_shape}")
-    if not EXTENSION_AVAILABLE or weight.device.type != "cpu" or weight.numel() == 0:
+    if not EXTENSION_AVAILABLE or x.device.type != "cpu" or isinstance(padding, str) or weight.numel() == 0:
         return False
     density = torch.count_nonzero(weight).item() / weight.numel()
-    return density <= SPARSE_CONV2D_CROSSOVER_DENSITY
+    if density > MAX_SPARSE_DENSITY:
+        return False
+    if density == 0:
+        return True
+    key = (
+        tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), tuple(weight.shape),
+        str(stride), str(padding), str(dilation), groups, x.dtype, torch.get_num_threads(),
+        round(density * 10),
+    )
+    if key not in _WINNERS:
+        _WINNERS[key] = _sparse_is_faster(x, weight, stride, padding, dilation, groups)
+    return _WINNERS[key]
+
+
+def _sparse_is_faster(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+    def best_of_two(conv) -> float:
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            conv(x, weight, None, stride, padding, dilation, groups)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        return best_of_two(sparse_conv2d) < best_of_two(F.conv2d)
 
 
 if EXTENSION_AVAILABLE:

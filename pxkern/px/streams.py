@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from pxkern.evaluation import set_mode
-from pxkern.ops.sparse_conv2d import should_use_sparse_conv2d, sparse_conv2d
+from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
 from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, empty_in_stream_layout, op_name
 from pxkern.weights import PrunableWeight, is_all_ones
 
@@ -113,6 +113,14 @@ def _ones_weight_linear(x, weight, bias=None):
 _SPATIAL_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
 
 
+def _conv_arguments(args: tuple, kwargs: dict) -> tuple:
+    """(x, weight, stride, padding, dilation, groups) of an F.conv2d call."""
+    names = ("stride", "padding", "dilation", "groups")
+    defaults = (1, 0, 1, 1)
+    rest = [args[3 + i] if len(args) > 3 + i else kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))]
+    return (args[0], args[1], *rest)
+
+
 class StreamMode(TorchFunctionMode):
     """Applies one stream's rules to every torch call made by the model's forward."""
 
@@ -186,14 +194,12 @@ class StreamMode(TorchFunctionMode):
         pruned ones (later pruning rounds), else the op itself."""
         if self.state.stream is Stream.KERNEL:
             return func
-        x, weight = args[0], args[1]
-        if self.state.stream is Stream.PATHS and id(weight) in self.state.ones_weights:
+        if self.state.stream is Stream.PATHS and id(args[1]) in self.state.ones_weights:
             if name == "linear":
                 return _ones_weight_linear
             if name in _SPATIAL_DIMS:
                 return _ones_weight_conv(func, _SPATIAL_DIMS[name])
-        padding = args[4] if len(args) > 4 else kwargs.get("padding", 0)
-        if name == "conv2d" and not isinstance(padding, str) and should_use_sparse_conv2d(weight, x.shape):
+        if name == "conv2d" and prefer_sparse_conv2d(*_conv_arguments(args, kwargs)):
             return sparse_conv2d
         return func
 
