@@ -13,7 +13,8 @@ Every time is the median of ``--repeats`` runs after one warm-up; the forward, p
 the authors' algorithm run in turn within each repeat, so machine drift hits all alike. The authors' float32
 streams overflow on these networks (px-spec.md section 5): their scores are timed, not used.
 
-Usage: python benchmarks/bench_px_scores.py [--quick] [--json results/px_scores.json]
+Usage: python -m benchmarks.bench_px_scores [--quick] [--json results/px_scores.json]
+       [--plot results/px_scores.png]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmarks.common import interleaved_medians, median_seconds, print_table, write_json
+from benchmarks.common import interleaved_medians, median_seconds, plot_bars, print_table, write_json
 from pxkern import px_scores
 from pxkern.models import cifar_resnet, cifar_vgg, resnet18
 from pxkern.pruning import prune
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100, help="prune rounds (0 skips the prune)")
     parser.add_argument("--models", nargs="*", default=[c.name for c in CASES])
     parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--plot", help="save a bar chart of the ratios to this PNG file")
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
     rounds = min(args.rounds, 5) if args.quick else args.rounds
@@ -137,6 +139,13 @@ def main() -> None:
     print("\nPX scoring: time per call, as a multiple of one eval forward, and pxkern's speedup")
     print_table(rows, COLUMNS)
     write_json(args.json, "px_scores", {"quick": args.quick, "repeats": repeats, "rounds": rounds}, rows)
+    plot_bars(
+        args.plot, "PX scoring cost in eval forwards of the same model and batch (lower is better)",
+        [f"{r['model']}\nB={r['batch']}" for r in rows],
+        {"pxkern": [r["pxkern_per_forward"] for r in rows],
+         "authors' algorithm": [r["authors_per_forward"] for r in rows]},
+        "time / one eval forward",
+    )
 
 
 if __name__ == "__main__":

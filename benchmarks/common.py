@@ -81,3 +81,29 @@ def write_json(path: str | None, benchmark: str, config: dict, rows: Sequence[di
     payload = {"benchmark": benchmark, "machine": machine(), "config": config, "rows": list(rows)}
     Path(path).write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
+
+
+def plot_bars(path: str | None, title: str, labels: Sequence[str], series: dict[str, Sequence[float]], ylabel: str) -> None:
+    """A grouped bar chart, one group per label and one bar per series, saved to ``path``."""
+    if not path:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 3, 4))
+    for index, (name, values) in enumerate(series.items()):
+        positions = [i + (index - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        bars = ax.bar(positions, values, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -1,0 +1,25 @@
+"""The benchmarks run end to end and write their JSON and plot (numbers are not judged)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_px_scores_quick_writes_json_and_plot(tmp_path):
+    out_json, out_png = tmp_path / "px.json", tmp_path / "px.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_px_scores", "--quick", "--models", "resnet20",
+         "--rounds", "1", "--json", str(out_json), "--plot", str(out_png)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out_json.read_text())
+    assert report["machine"]["torch"]
+    models = [row["model"] for row in report["rows"]]
+    assert models == ["resnet20", "resnet20 prune 1 rounds"]
+    for row in report["rows"]:
+        assert row["pxkern_per_forward"] > 0 and row["speedup_vs_authors"] > 0
+    assert out_png.stat().st_size > 0
