@@ -142,6 +142,7 @@ def test_non_contiguous_inputs(isa):
     expected = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1)
     channels_last = sparse_conv2d(x.to(memory_format=torch.channels_last), weight, bias, padding=1)
     assert_close_to_reference(channels_last, expected, torch.float32, "channels_last x")
+    assert channels_last.is_contiguous(memory_format=torch.channels_last), "layout of x kept"
     transposed = x.transpose(2, 3).contiguous().transpose(2, 3)
     strided_weight = torch.stack([weight, torch.zeros_like(weight)], dim=1)[:, 0]
     assert not transposed.is_contiguous() and not strided_weight.is_contiguous()

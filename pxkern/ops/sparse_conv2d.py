@@ -59,7 +59,8 @@ def sparse_conv2d(
         groups: number of channel groups.
 
     Returns:
-        ``[N, C_out, H_out, W_out]`` contiguous, with
+        ``[N, C_out, H_out, W_out]`` in the memory format of ``x`` (channels-last or
+        contiguous), with
         ``H_out = (H + 2 padding_h - dilation_h (kh - 1) - 1) // stride_h + 1`` (same for W).
 
     Runs the C++ kernel for CPU tensors when the extension is built, ``F.conv2d``
@@ -101,9 +102,14 @@ def sparse_conv2d(
             f"{stride_hw}, padding={padding_hw}, dilation={dilation_hw}"
         )
     if EXTENSION_AVAILABLE and x.device.type == "cpu":
-        return torch.ops.pxkern.sparse_conv2d(
+        y = torch.ops.pxkern.sparse_conv2d(
             x.contiguous(), weight.contiguous(), bias, stride_hw, padding_hw, dilation_hw, groups
         )
+        # Like F.conv2d, answer in the input's layout: a channels-first result would send
+        # every later op (and oneDNN convolution) of a channels-last network down its
+        # slower paths.
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
     return F.conv2d(x, weight, bias, stride_hw, padding_hw, dilation_hw, groups)
 
 
