@@ -18,6 +18,13 @@ def _density(text: str) -> float:
     return value
 
 
+def _block(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"block must look like 8x8 (rows x columns), got {text}")
+    return int(parts[0]), int(parts[1])
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -51,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         "fast as two on an idle machine and far faster on a busy one)",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the pruning progress bars")
+    demo.add_argument(
+        "--block", type=_block, default=None, metavar="BMxBN",
+        help="also prune whole BMxBN weight blocks (e.g. 8x8) and compare with unstructured pruning",
+    )
     return parser
 
 
@@ -73,7 +84,7 @@ def format_report(report: DemoReport) -> str:
         _table(
             ["method", "rounds", "density", "test acc", "acc - dense", "prune s", "train s"],
             [
-                [r.method, r.rounds, f"{r.density:.4f}", f"{r.accuracy:.4f}",
+                [r.label, r.rounds, f"{r.density:.4f}", f"{r.accuracy:.4f}",
                  f"{r.accuracy - report.dense_accuracy:+.4f}", f"{r.prune_seconds:.2f}", f"{r.train_seconds:.1f}"]
                 for r in report.results
             ],
@@ -82,7 +93,7 @@ def format_report(report: DemoReport) -> str:
     for r in report.results:
         lines += [
             "",
-            f"density per layer ({r.method}):",
+            f"density per layer ({r.label}):",
             _table(
                 ["layer", "kept", "total", "density"],
                 [[layer.name, layer.kept, layer.total, f"{layer.density:.4f}"] for layer in r.layers],
@@ -98,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         report = run_demo(
             args.method, args.density, args.rounds, args.epochs, args.out,
-            compare=args.compare, seed=args.seed, progress=not args.no_progress,
+            compare=args.compare, seed=args.seed, progress=not args.no_progress, block=args.block,
         )
         print(format_report(report))
     return 0

@@ -53,11 +53,16 @@ class DemoResult:
     method: str
     target_density: float
     rounds: int
+    block: tuple[int, int] | None  # None: unstructured
     density: float  # measured: kept / total prunable weights
     accuracy: float
     layers: list[LayerDensity]
     prune_seconds: float
     train_seconds: float
+
+    @property
+    def label(self) -> str:
+        return self.method if self.block is None else f"{self.method} {self.block[0]}x{self.block[1]} blocks"
 
 
 def load_digits(seed: int = 0) -> Digits:
@@ -151,14 +156,17 @@ class Demo:
         train(model, self.digits, epochs, self.seed)
         return accuracy(model, self.digits.x_test, self.digits.y_test)
 
-    def run(self, method: str, density: float, rounds: int, epochs: int, progress: bool = False) -> DemoResult:
+    def run(
+        self, method: str, density: float, rounds: int, epochs: int, progress: bool = False,
+        block: tuple[int, int] | None = None,
+    ) -> DemoResult:
         """Prune a copy of the initial model with ``method`` to ``density`` (``rounds``
-        rounds), train it ``epochs`` epochs and measure it."""
+        rounds, whole ``block``s if given), train it ``epochs`` epochs and measure it."""
         model = copy.deepcopy(self.initial)
         start = time.perf_counter()
         prune(  # validates method, density and rounds
             model, [self.scoring_batch], density=density, rounds=rounds, method=method,
-            generator=torch.Generator().manual_seed(self.seed), progress=progress,
+            generator=torch.Generator().manual_seed(self.seed), progress=progress, block=block,
         )
         pruned = time.perf_counter()
         train(model, self.digits, epochs, self.seed)
@@ -168,6 +176,7 @@ class Demo:
             method=method,
             target_density=density,
             rounds=rounds,
+            block=block,
             density=sum(layer.kept for layer in layers) / sum(layer.total for layer in layers),
             accuracy=accuracy(model, self.digits.x_test, self.digits.y_test),
             layers=layers,
@@ -189,7 +198,7 @@ def plot_layer_densities(results: list[DemoResult], path: Path) -> Path:
     for i, result in enumerate(results):
         positions = [j + (i - (len(results) - 1) / 2) * width for j in range(len(names))]
         densities = [layer.density for layer in result.layers]
-        bars = ax.bar(positions, densities, width, label=result.method)
+        bars = ax.bar(positions, densities, width, label=result.label)
         # A fully pruned layer (layer collapse) has no bar: mark it.
         ax.bar_label(bars, labels=["0" if d == 0 else "" for d in densities], fontsize=8)
     ax.set_xticks(range(len(names)), names)
@@ -211,7 +220,7 @@ def plot_accuracies(results: list[DemoResult], dense_accuracy: float, path: Path
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar([r.method for r in results], [r.accuracy for r in results])
+    ax.bar([r.label for r in results], [r.accuracy for r in results])
     ax.axhline(dense_accuracy, color="black", linestyle="--", label=f"dense {dense_accuracy:.3f}")
     ax.set_ylim(0, 1)
     ax.set_ylabel("test accuracy")
@@ -263,13 +272,16 @@ def run_demo(
     compare: bool = False,
     seed: int = 0,
     progress: bool = True,
+    block: tuple[int, int] | None = None,
 ) -> DemoReport:
     """Train the dense CNN and the CNN pruned with ``method`` (every method of
     :data:`pxkern.pruning.CRITERIA` if ``compare``) to ``density``; write the plots and a
     JSON of the results to ``out``.
 
     ``rounds`` applies to the iterative methods (px, synflow); the others run one-shot
-    as in the official code (:func:`rounds_for`).
+    as in the official code (:func:`rounds_for`). With ``block=(bm, bn)`` every method also
+    runs block-structured (:mod:`pxkern.pruning.blocks`), at the same density, beside its
+    unstructured run.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -284,11 +296,16 @@ def run_demo(
     start = time.perf_counter()
     dense = demo.dense_accuracy(epochs)
     dense_seconds = time.perf_counter() - start
-    results = [demo.run(name, density, rounds_for(name, rounds), epochs, progress) for name in methods]
+    structures = [None] if block is None else [None, block]
+    results = [
+        demo.run(name, density, rounds_for(name, rounds), epochs, progress, structure)
+        for name in methods
+        for structure in structures
+    ]
 
     stem = "compare" if compare else method
     files = [plot_layer_densities(results, out / f"layer_density_{stem}.png")]
-    if compare:
+    if len(results) > 1:
         files.append(plot_accuracies(results, dense, out / f"accuracy_{stem}.png"))
     files.append(save_json(results, dense, epochs, seed, out / f"results_{stem}.json"))
     return DemoReport(

@@ -43,6 +43,16 @@ def test_run_demo(method, tmp_path):
     assert saved["results"][0]["accuracy"] == result.accuracy
 
 
+def test_cli_block_runs_both_structures(tmp_path, capsys):
+    assert main(["demo", "--density", "0.2", "--rounds", "2", "--epochs", "1", "--block", "8x8",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    output = capsys.readouterr().out
+    assert "px 8x8 blocks" in output
+    saved = json.loads((tmp_path / "results_px.json").read_text())
+    assert [r["block"] for r in saved["results"]] == [None, [8, 8]]
+    assert (tmp_path / "accuracy_px.png").exists()
+
+
 def test_cli_compare(tmp_path, capsys):
     code = main(["demo", "--compare", "--density", "0.3", "--rounds", "2", "--epochs", "1",
                  "--out", str(tmp_path), "--no-progress"])
@@ -61,6 +71,7 @@ def test_cli_compare(tmp_path, capsys):
         (["demo", "--density", "0"], "density must be in (0, 1]"),
         (["demo", "--method", "l1"], "invalid choice: 'l1'"),
         (["demo", "--epochs", "0"], "expected an integer >= 1"),
+        (["demo", "--block", "8"], "block must look like 8x8"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.pruning.criteria import get_criterion, score
 from pxkern.pruning.masks import apply_masks
 from pxkern.pruning.schedule import exponential_densities
@@ -50,6 +51,7 @@ def prune(
     method: str = "px",
     generator: torch.Generator | None = None,
     progress: bool = True,
+    block: tuple[int, int] | None = None,
     **criterion_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """Prune ``model`` in place to ``density`` (or ``1 - sparsity``) of its prunable weights.
@@ -60,6 +62,9 @@ def prune(
     each weight tensor (``scope="layer"``), by the rule of
     :mod:`pxkern.pruning.threshold`; weights pruned earlier stay pruned. Masks the model
     already carries are the starting point.
+
+    With ``block=(bm, bn)`` whole blocks of each weight's ``[C_out, C_in*kh*kw]`` matrix
+    are kept or pruned, ranked by their mean score (:mod:`pxkern.pruning.blocks`).
 
     ``data`` is a batch or an iterable of batches / ``(x, y)`` pairs (SNIP and GraSP need
     the labels), read anew every round. ``generator`` seeds ``method="random"``;
@@ -75,6 +80,8 @@ def prune(
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {sorted(SCOPES)}, got {scope!r}")
     get_criterion(method)  # fail on an unknown method before any work
+    if block is not None:
+        check_block(block)
     keep_masks = SCOPES[scope]
     data = _reusable(data)
 
@@ -84,6 +91,8 @@ def prune(
     bar = tqdm(densities, desc=f"pruning ({method}, {scope})", unit="round", disable=not progress)
     for round_density in bar:
         scores = score(method, model, data, masks, generator=generator, **criterion_kwargs)
+        if block is not None:
+            scores = block_mean_scores(scores, block)
         keep = keep_masks(scores, round_density)
         masks = {name: keep[name] & masks[name] for name in masks}
         kept = sum(int(m.count_nonzero()) for m in masks.values())

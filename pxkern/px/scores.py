@@ -19,6 +19,7 @@ from torch import nn
 from pxkern.data import iter_batches
 from pxkern.evaluation import batchnorm_buffer_copies, check_bn_mode, model_state_restored, unit_prune_masks
 from pxkern.px.scaled import Exponents
+from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.px.streams import (
     KERNEL_DTYPE,
     Stream,
@@ -64,6 +65,7 @@ def px_scores(
     bn: str = "eval",
     keep: Iterable[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    block: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """PX scores of the prunable weights of ``model`` (px-spec.md sections 2-3, 5).
 
@@ -78,13 +80,18 @@ def px_scores(
             in train mode: their exact scores are degenerate (it warns).
         keep: names of modules whose parameters every stream uses unchanged, besides
             normalization layers; default: the last ``nn.Linear`` (the classifier).
-        dtype: the precision of the streams (float32 or float64).
+        dtype: the precision of streams A and B (float32 or float64); C runs in float64.
+        block: ``(bm, bn)`` to score weight blocks of the ``[C_out, C_in*kh*kw]`` matrix
+            instead of single weights: every weight gets its block's mean score
+            (:mod:`pxkern.pruning.blocks`).
 
     Returns:
         ``{weight name: float32 tensor shaped like the weight}``: ``>= 0``, zero where
         masked, divided by one positive constant so that the largest score is 1.
     """
     _validate(model, bn, dtype)
+    if block is not None:
+        check_block(block)
     if bn == "batch":
         warnings.warn(
             "px_scores(bn='batch') reproduces the official PX code: BatchNorm with batch "
@@ -129,7 +136,14 @@ def px_scores(
             kernel = StreamState(Stream.KERNEL, Exponents())
             kernel_buffers = _stream_buffers(model, weights, bn, KERNEL_DTYPE)
             z2, _ = run_stream(model, kernel, ones, parameters.kernel, kernel_buffers, bn)
-    return _scores_from_kernel(z2, v, parameters.kernel_weights, weights, mask_values)
+    scores = _scores_from_kernel(z2, v, parameters.kernel_weights, weights, mask_values)
+    if block is None:
+        return scores
+    blocked = block_mean_scores(scores, block)
+    top = max(float(s.max()) for s in blocked.values())
+    return {
+        name: (s * mask_values[name]).div_(top if top > 0 else 1.0) for name, s in blocked.items()
+    }
 
 
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
