@@ -25,8 +25,8 @@
 //      channel's taps does one broadcast and R V fused multiply-adds from shifted input
 //      rows; the tile is stored once. Partial last vectors use masked loads/stores, so
 //      no load leaves the sample buffer.
-//   AVX2+FMA path chosen at run time (__builtin_cpu_supports); a portable scalar path
-//   with the same structure otherwise, or when PXKERN_CPU_ISA=portable.
+//   AVX2+FMA path chosen at run time (see ../isa.h); a portable scalar path with the
+//   same structure otherwise, or when PXKERN_CPU_ISA=portable.
 //
 // Work and traffic (nnz = nonzeros of weight, P = H_out W_out):
 //   FLOPs  = 2 nnz N P  (one FMA per nonzero tap per output pixel per sample)
@@ -38,43 +38,22 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define PXKERN_HAVE_AVX2_PATH 1
-#include <immintrin.h>
-#define PXKERN_AVX2_FN __attribute__((target("avx2,fma"))) inline
-#else
-#define PXKERN_HAVE_AVX2_PATH 0
-#endif
+#include "../isa.h"
 
 namespace pxkern {
 namespace sparse_conv2d {
 
-enum class Isa { kPortable, kAvx2 };
-
-inline bool cpu_has_avx2_fma() {
-#if PXKERN_HAVE_AVX2_PATH
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
-// Best ISA of this CPU, unless PXKERN_CPU_ISA=portable forces the scalar path (used by the
-// tests to exercise both paths on one machine).
-inline Isa select_isa() {
-  const char* forced = std::getenv("PXKERN_CPU_ISA");
-  if (forced != nullptr && std::string(forced) == "portable") return Isa::kPortable;
-  return cpu_has_avx2_fma() ? Isa::kAvx2 : Isa::kPortable;
-}
+// Run-time ISA choice, shared by all cores (../isa.h).
+using cpu::Isa;
+using cpu::cpu_has_avx2_fma;
+using cpu::select_isa;
 
 // Sizes of one convolution and of the prepared (padded, polyphase-split) input sample.
 struct Geometry {
@@ -250,39 +229,7 @@ void plane_portable(const PlaneArgs<T>& a) {
 
 #if PXKERN_HAVE_AVX2_PATH
 
-template <typename T>
-struct Avx2;
-
-template <>
-struct Avx2<float> {
-  using Vec = __m256;
-  static constexpr int kLanes = 8;
-  PXKERN_AVX2_FN static Vec set1(float v) { return _mm256_set1_ps(v); }
-  PXKERN_AVX2_FN static Vec load(const float* p) { return _mm256_loadu_ps(p); }
-  PXKERN_AVX2_FN static Vec maskload(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
-  PXKERN_AVX2_FN static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-  PXKERN_AVX2_FN static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-  PXKERN_AVX2_FN static void maskstore(float* p, __m256i m, Vec v) { _mm256_maskstore_ps(p, m, v); }
-  // All-ones in lanes [0, n).
-  PXKERN_AVX2_FN static __m256i first_lanes(int n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
-};
-
-template <>
-struct Avx2<double> {
-  using Vec = __m256d;
-  static constexpr int kLanes = 4;
-  PXKERN_AVX2_FN static Vec set1(double v) { return _mm256_set1_pd(v); }
-  PXKERN_AVX2_FN static Vec load(const double* p) { return _mm256_loadu_pd(p); }
-  PXKERN_AVX2_FN static Vec maskload(const double* p, __m256i m) { return _mm256_maskload_pd(p, m); }
-  PXKERN_AVX2_FN static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_pd(a, b, c); }
-  PXKERN_AVX2_FN static void store(double* p, Vec v) { _mm256_storeu_pd(p, v); }
-  PXKERN_AVX2_FN static void maskstore(double* p, __m256i m, Vec v) { _mm256_maskstore_pd(p, m, v); }
-  PXKERN_AVX2_FN static __m256i first_lanes(int n) {
-    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
-  }
-};
+using cpu::Avx2;
 
 // 16 ymm registers: 12 accumulators, one broadcast weight, spare for address/mask.
 constexpr int kMaxAccumulators = 12;

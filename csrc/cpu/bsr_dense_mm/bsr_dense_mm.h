@@ -1,0 +1,453 @@
+// Block-sparse (BSR) times dense on the CPU (torch-free core of pxkern::bsr_dense_mm and
+// pxkern::bsr_linear).
+//
+// Inputs (row-major, contiguous). W [M, K] in BSR form with bm x bn blocks:
+//   values          [nnz_blocks, bm, bn]  each block row-major
+//   row_offsets     [M / bm + 1] int32    the blocks of block row i are
+//                                         [row_offsets[i], row_offsets[i + 1])
+//   column_indices  [nnz_blocks] int32    block column of each block (any order within a
+//                                         row; duplicates add up)
+//   bias            [M] or nullptr
+// Outputs:
+//   bsr_dense_mm:  y [M, N] = W x + bias[:, None]   for x [K, N]
+//   bsr_linear:    y [B, M] = x W^T + bias[None, :] for x [B, K]  (nn.Linear layout)
+//
+// One kernel serves both. Block row i owns an output region D_i (mm: rows i bm.. of y, all
+// N columns; linear: all B rows, columns i bm..) that accumulates, over the row's blocks p
+// (depth bn each), A_p B_p with
+//   mm:     A_p = block p                (bm x bn, broadcast),  B_p = rows col_p bn.. of x
+//   linear: A_p = columns col_p bn.. of x (B x bn, broadcast),  B_p = block p transposed
+//           (bn x bm; all blocks are transposed once per call into a scratch buffer).
+//
+// Tiling: D_i is cut into column blocks of at most kMaxVectors AVX vectors and row tiles of
+// R <= kMaxAccumulators / V rows (sizes balanced), register tiles of R x V ymm
+// accumulators. Per depth step a tile does V vector loads of B_p, R broadcasts of A_p and
+// R V FMAs; it is stored once per chunk. The row's blocks are taken in chunks sized so
+// that a chunk's A and B panels (~kChunkBytes) stay in L1 while every tile of the region
+// reads them; a tile starts from the bias on the first chunk and from y on the others.
+// Masked loads/stores handle a partial last vector, so nothing is read past x or y.
+// bsr_dense_mm first packs x into panels of one column block ([N / W, K, W], W = 24
+// floats / 12 doubles) when the average block column is used by >= kMinPanelReuse block
+// rows: x rows n s bytes apart (power-of-two n) fall into a few L1 sets and evict each
+// other between the row tiles; packed rows are W s bytes apart.
+// OpenMP (dynamic) over block rows, each region split along N (mm) or B (linear) when
+// there are fewer than 4 block rows per thread. No allocation in the hot loop.
+// AVX2+FMA path chosen at run time (see ../isa.h); a portable path with the same loops
+// otherwise, or when PXKERN_CPU_ISA=portable.
+//
+// Work and traffic (N := B for linear, s = sizeof(T)):
+//   FLOPs  = 2 nnz_blocks bm bn N
+//   DRAM   ~ s (nnz_blocks bm bn + K N + M N) + 4 (nnz_blocks + M / bm + 1); linear also
+//            writes and reads the transposed copy of values (2 s nnz_blocks bm bn).
+//            bsr_dense_mm adds a read and write of x when it packs x (see above).
+//   cache  : each block's values are read once per row group and column block of its
+//            region, each x panel (bn rows x the column block) once per row tile from L1.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "../isa.h"
+
+namespace pxkern {
+namespace bsr_dense_mm {
+
+// Run-time ISA choice, shared by all cores (../isa.h).
+using cpu::Isa;
+using cpu::cpu_has_avx2_fma;
+using cpu::select_isa;
+
+// Empty if row_offsets/column_indices describe a valid block structure with block_rows rows
+// and block_cols columns holding nnz_blocks blocks; else what is wrong. Reading out of
+// bounds is the alternative, so this runs on every call (O(nnz_blocks + block_rows)).
+inline std::string check_structure(const int32_t* row_offsets, const int32_t* column_indices,
+                                   int64_t block_rows, int64_t block_cols, int64_t nnz_blocks) {
+  if (row_offsets[0] != 0)
+    return "row_offsets[0] must be 0, got " + std::to_string(row_offsets[0]);
+  if (row_offsets[block_rows] != nnz_blocks)
+    return "row_offsets[-1] must equal the number of blocks " + std::to_string(nnz_blocks) +
+           ", got " + std::to_string(row_offsets[block_rows]);
+  for (int64_t i = 0; i < block_rows; ++i) {
+    if (row_offsets[i + 1] < row_offsets[i])
+      return "row_offsets must be non-decreasing, but row_offsets[" + std::to_string(i + 1) +
+             "] = " + std::to_string(row_offsets[i + 1]) + " < row_offsets[" +
+             std::to_string(i) + "] = " + std::to_string(row_offsets[i]);
+  }
+  for (int64_t p = 0; p < nnz_blocks; ++p) {
+    if (column_indices[p] < 0 || column_indices[p] >= block_cols)
+      return "column_indices[" + std::to_string(p) + "] = " + std::to_string(column_indices[p]) +
+             " is outside [0, " + std::to_string(block_cols) + ")";
+  }
+  return {};
+}
+
+// Columns per packed panel of x in bsr_dense_mm: one column block of kMaxVectors AVX
+// vectors (24 floats, 12 doubles), for both ISA paths.
+constexpr int64_t kMaxVectors = 3;
+// bsr_dense_mm packs x only if its panels are used by this many block rows on average:
+// packing costs a copy of x, conflict misses cost about that per use (crossover between
+// block densities 0.02 and 0.05 for 2048 x 2048 W, 32 x 32 blocks, N = 256).
+constexpr int64_t kMinPanelReuse = 3;
+template <typename T>
+constexpr int64_t kPackedCols = kMaxVectors * 32 / static_cast<int64_t>(sizeof(T));
+
+// One product as the kernel sees it (see the file header). Element (r, k) of A_p is
+// a[p a_block + col_p a_col + r a_row + k]. Element (k, c) of B_p is
+// b[p b_block + col_p b_col + k b_row + c] if b_packed_cols == 0, else column c lives in
+// packed panel c / b_packed_cols at b + (c / b_packed_cols) b_panel (then + c % b_packed_cols
+// instead of c). Region i starts at d + i d_block and its bias at bias + i bias_block,
+// indexed by region row (bias_per_row) or column.
+template <typename T>
+struct Problem {
+  const T* a;
+  int64_t a_block, a_col, a_row;
+  const T* b;
+  int64_t b_block, b_col, b_row;
+  int64_t b_packed_cols, b_panel;
+  int64_t depth;
+  const int32_t* row_offsets;
+  const int32_t* column_indices;
+  int64_t block_rows;
+  T* d;
+  int64_t d_row, d_block;
+  int64_t rows, cols;  // of one region
+  const T* bias;
+  int64_t bias_block;
+  bool bias_per_row;
+  bool split_rows;  // split a region along its rows (else its columns) between threads
+};
+
+// One register tile: rows [r0, r0 + rows) x columns [c0, c0 + cols) of region d, summing
+// blocks [p_begin, p_end); first: start from the bias (or zero), else from d. B_p of the
+// tile's first column starts at b + b_offset + p b_block + col_p b_col.
+template <typename T>
+struct Tile {
+  T* d;
+  int64_t b_offset;
+  const T* bias_row;  // bias of region row r at bias_row[r], or nullptr
+  const T* bias_col;  // bias of region column c at bias_col[c], or nullptr
+  int64_t p_begin, p_end;
+  int64_t r0, rows, c0, cols;
+  bool first;
+};
+
+// Blocks per chunk: as many as keep a chunk's panels within kChunkBytes, at least one, and
+// at least kMinChunkDepth depth steps so reloading the tile from y stays negligible.
+constexpr int64_t kChunkBytes = 24 * 1024;
+constexpr int64_t kMinChunkDepth = 32;
+// Region rows processed together against one chunk (bounds the A panel of a chunk).
+constexpr int64_t kRowGroup = 64;
+
+inline int64_t blocks_per_chunk(int64_t depth, int64_t group_rows, int64_t block_cols,
+                                int64_t elem_size) {
+  const int64_t panel_bytes = depth * (group_rows + block_cols) * elem_size;
+  const int64_t by_size = kChunkBytes / std::max<int64_t>(panel_bytes, 1);
+  const int64_t by_depth = (kMinChunkDepth + depth - 1) / std::max<int64_t>(depth, 1);
+  return std::max<int64_t>({by_size, by_depth, 1});
+}
+
+// n items into `parts` contiguous balanced parts: start of part j.
+inline int64_t balanced_start(int64_t n, int64_t parts, int64_t j) {
+  return j * (n / parts) + std::min(j, n % parts);
+}
+
+// Portable path: same loops with plain arrays (the compiler may vectorize the column loop
+// for the baseline ISA).
+constexpr int64_t kPortableRows = 4, kPortableCols = 24;
+
+template <typename T>
+void tile_portable(const Problem<T>& pr, const Tile<T>& t) {
+  T acc[kPortableRows][kPortableCols];
+  for (int64_t r = 0; r < t.rows; ++r) {
+    for (int64_t c = 0; c < t.cols; ++c) {
+      const int64_t rr = t.r0 + r, cc = t.c0 + c;
+      acc[r][c] = !t.first ? t.d[rr * pr.d_row + cc]
+                  : t.bias_row != nullptr ? t.bias_row[rr]
+                  : t.bias_col != nullptr ? t.bias_col[cc]
+                                          : T(0);
+    }
+  }
+  for (int64_t p = t.p_begin; p < t.p_end; ++p) {
+    const int64_t col = pr.column_indices[p];
+    const T* a = pr.a + p * pr.a_block + col * pr.a_col + t.r0 * pr.a_row;
+    const T* b = pr.b + t.b_offset + p * pr.b_block + col * pr.b_col;
+    for (int64_t k = 0; k < pr.depth; ++k, b += pr.b_row) {
+      for (int64_t r = 0; r < t.rows; ++r) {
+        const T w = a[r * pr.a_row + k];
+        for (int64_t c = 0; c < t.cols; ++c) acc[r][c] += w * b[c];
+      }
+    }
+  }
+  for (int64_t r = 0; r < t.rows; ++r)
+    for (int64_t c = 0; c < t.cols; ++c) t.d[(t.r0 + r) * pr.d_row + t.c0 + c] = acc[r][c];
+}
+
+#if PXKERN_HAVE_AVX2_PATH
+
+using cpu::Avx2;
+
+// 16 ymm registers: up to 12 accumulators, the V <= 3 vectors of B shared by the R rows,
+// one broadcast of A.
+constexpr int kMaxAccumulators = 12;
+
+// kTail: the last of the V vectors is partial and goes through `tail` masked loads/stores.
+template <typename T, int R, int V, bool kTail>
+PXKERN_AVX2_FN void tile_avx2(const Problem<T>& pr, const Tile<T>& t, __m256i tail) {
+  using S = Avx2<T>;
+  using Vec = typename S::Vec;
+  constexpr int L = S::kLanes;
+  Vec acc[R][V];
+  T* d = t.d + t.r0 * pr.d_row + t.c0;
+  if (!t.first) {
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) {
+        const T* q = d + r * pr.d_row + v * L;
+        acc[r][v] = (kTail && v == V - 1) ? S::maskload(q, tail) : S::load(q);
+      }
+  } else if (t.bias_row != nullptr) {
+    for (int r = 0; r < R; ++r) {
+      const Vec b = S::set1(t.bias_row[t.r0 + r]);
+      for (int v = 0; v < V; ++v) acc[r][v] = b;
+    }
+  } else {
+    for (int v = 0; v < V; ++v) {
+      const T* q = t.bias_col + t.c0 + v * L;
+      const Vec b = t.bias_col == nullptr             ? S::zero()
+                    : (kTail && v == V - 1) ? S::maskload(q, tail)
+                                            : S::load(q);
+      for (int r = 0; r < R; ++r) acc[r][v] = b;
+    }
+  }
+  const int64_t a_row = pr.a_row, b_row = pr.b_row, depth = pr.depth;
+  for (int64_t p = t.p_begin; p < t.p_end; ++p) {
+    const int64_t col = pr.column_indices[p];
+    const T* a = pr.a + p * pr.a_block + col * pr.a_col + t.r0 * a_row;
+    const T* b = pr.b + t.b_offset + p * pr.b_block + col * pr.b_col;
+    for (int64_t k = 0; k < depth; ++k, b += b_row) {
+      Vec bv[V];
+      for (int v = 0; v < V; ++v)
+        bv[v] = (kTail && v == V - 1) ? S::maskload(b + v * L, tail) : S::load(b + v * L);
+      for (int r = 0; r < R; ++r) {
+        const Vec w = S::set1(a[r * a_row + k]);
+        for (int v = 0; v < V; ++v) acc[r][v] = S::fma(w, bv[v], acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) {
+      T* q = d + r * pr.d_row + v * L;
+      if (kTail && v == V - 1) {
+        S::maskstore(q, tail, acc[r][v]);
+      } else {
+        S::store(q, acc[r][v]);
+      }
+    }
+}
+
+// Picks the instantiation with R == t.rows (t.rows <= kMaxAccumulators / V).
+template <typename T, int V, bool kTail, int R = 1>
+PXKERN_AVX2_FN void tile_avx2_rows(const Problem<T>& pr, const Tile<T>& t, __m256i tail) {
+  if constexpr (R * V <= kMaxAccumulators) {
+    if (t.rows == R) {
+      tile_avx2<T, R, V, kTail>(pr, t, tail);
+    } else {
+      tile_avx2_rows<T, V, kTail, R + 1>(pr, t, tail);
+    }
+  }
+}
+
+template <typename T, int V>
+PXKERN_AVX2_FN void tile_avx2_tail(const Problem<T>& pr, const Tile<T>& t, __m256i tail) {
+  if (t.cols % Avx2<T>::kLanes != 0) {
+    tile_avx2_rows<T, V, true>(pr, t, tail);
+  } else {
+    tile_avx2_rows<T, V, false>(pr, t, tail);
+  }
+}
+
+template <typename T>
+PXKERN_AVX2_FN void tile_avx2_dispatch(const Problem<T>& pr, const Tile<T>& t) {
+  constexpr int64_t L = Avx2<T>::kLanes;
+  const __m256i tail = Avx2<T>::first_lanes(static_cast<int>(t.cols % L));
+  switch ((t.cols + L - 1) / L) {
+    case 1: tile_avx2_tail<T, 1>(pr, t, tail); break;
+    case 2: tile_avx2_tail<T, 2>(pr, t, tail); break;
+    default: tile_avx2_tail<T, 3>(pr, t, tail); break;
+  }
+}
+
+#endif  // PXKERN_HAVE_AVX2_PATH
+
+// Region of block row i restricted to rows [r_lo, r_hi) x columns [c_lo, c_hi); c_lo is a
+// multiple of the vector length.
+template <typename T>
+void region(const Problem<T>& pr, bool avx2, int64_t i, int64_t r_lo, int64_t r_hi,
+            int64_t c_lo, int64_t c_hi) {
+#if PXKERN_HAVE_AVX2_PATH
+  const int64_t lanes = avx2 ? Avx2<T>::kLanes : 1;
+  const int64_t max_block_cols = avx2 ? kMaxVectors * lanes : kPortableCols;
+#else
+  (void)avx2;
+  const int64_t lanes = 1, max_block_cols = kPortableCols;
+#endif
+  // Column blocks: the packed panels of B, else whole vectors in balanced sizes
+  // (5 vectors -> 3 + 2).
+  const int64_t packed = pr.b_packed_cols;
+  const int64_t unit = packed > 0 ? packed : lanes;
+  const int64_t units = (c_hi - c_lo + unit - 1) / unit;
+  const int64_t units_per_block = packed > 0 ? 1 : max_block_cols / lanes;
+  const int64_t col_blocks = (units + units_per_block - 1) / units_per_block;
+  const int64_t p_begin = pr.row_offsets[i], p_end = pr.row_offsets[i + 1];
+  const int64_t chunk = blocks_per_chunk(pr.depth, std::min(kRowGroup, r_hi - r_lo),
+                                         max_block_cols, sizeof(T));
+  Tile<T> t;
+  t.d = pr.d + i * pr.d_block;
+  const T* bias = pr.bias != nullptr ? pr.bias + i * pr.bias_block : nullptr;
+  t.bias_row = pr.bias_per_row ? bias : nullptr;
+  t.bias_col = pr.bias_per_row ? nullptr : bias;
+  for (int64_t g0 = r_lo; g0 < r_hi; g0 += kRowGroup) {
+    const int64_t g1 = std::min(r_hi, g0 + kRowGroup);
+    // At least one pass, so that a block row without blocks still writes its bias.
+    for (t.p_begin = p_begin; t.p_begin == p_begin || t.p_begin < p_end; t.p_begin += chunk) {
+      t.p_end = std::min(p_end, t.p_begin + chunk);
+      t.first = t.p_begin == p_begin;
+      for (int64_t cb = 0; cb < col_blocks; ++cb) {
+        t.c0 = c_lo + balanced_start(units, col_blocks, cb) * unit;
+        t.cols = std::min(c_hi, c_lo + balanced_start(units, col_blocks, cb + 1) * unit) - t.c0;
+        t.b_offset = packed > 0 ? t.c0 / packed * pr.b_panel : t.c0;
+        const int64_t max_rows =
+            avx2 ? kMaxAccumulators / ((t.cols + lanes - 1) / lanes) : kPortableRows;
+        const int64_t row_tiles = (g1 - g0 + max_rows - 1) / max_rows;
+        for (int64_t rt = 0; rt < row_tiles; ++rt) {
+          t.r0 = g0 + balanced_start(g1 - g0, row_tiles, rt);
+          t.rows = g0 + balanced_start(g1 - g0, row_tiles, rt + 1) - t.r0;
+#if PXKERN_HAVE_AVX2_PATH
+          if (avx2) {
+            tile_avx2_dispatch(pr, t);
+            continue;
+          }
+#endif
+          tile_portable(pr, t);
+        }
+      }
+    }
+  }
+}
+
+inline int resolve_threads(int num_threads) {
+#if defined(_OPENMP)
+  return num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  (void)num_threads;
+  return 1;
+#endif
+}
+
+template <typename T>
+void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
+  if (pr.block_rows == 0 || pr.rows == 0 || pr.cols == 0) return;
+#if PXKERN_HAVE_AVX2_PATH
+  const bool avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
+  const int64_t lanes = avx2 ? Avx2<T>::kLanes : 1;
+#else
+  (void)isa;
+  const bool avx2 = false;
+  const int64_t lanes = 1;
+#endif
+  const int threads = resolve_threads(num_threads);
+  // Split regions only as far as needed for ~4 items per thread (dynamic scheduling evens
+  // out rows with different block counts); columns are split in whole packed panels or
+  // vectors.
+  const int64_t col_unit = pr.b_packed_cols > 0 ? pr.b_packed_cols : lanes;
+  const int64_t split_units = pr.split_rows ? pr.rows : (pr.cols + col_unit - 1) / col_unit;
+  const int64_t splits = std::min(
+      split_units, std::max<int64_t>(1, (4 * threads + pr.block_rows - 1) / pr.block_rows));
+  const int64_t items = pr.block_rows * splits;
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (items > 1)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t i = item / splits, s = item % splits;
+    const int64_t lo = balanced_start(split_units, splits, s);
+    const int64_t hi = balanced_start(split_units, splits, s + 1);
+    if (pr.split_rows) {
+      region(pr, avx2, i, lo, hi, 0, pr.cols);
+    } else {
+      region(pr, avx2, i, 0, pr.rows, lo * col_unit, std::min(pr.cols, hi * col_unit));
+    }
+  }
+}
+
+// y [m, n] = W x + bias[:, None] for W [m, k] in BSR form (bm x bn blocks) and x [k, n].
+// bias may be nullptr. The structure must pass check_structure. num_threads <= 0 uses the
+// OpenMP default.
+template <typename T>
+void bsr_dense_mm(const T* values, const int32_t* row_offsets, const int32_t* column_indices,
+                  int64_t m, int64_t k, int64_t bm, int64_t bn, const T* x, int64_t n,
+                  const T* bias, T* y, Isa isa, int num_threads) {
+  if (m == 0 || n == 0) return;
+  Problem<T> pr{values, bm * bn, 0, bn,
+                x, 0, bn * n, n, 0, 0,
+                bn, row_offsets, column_indices, m / bm,
+                y, n, bm * n, bm, n,
+                bias, bm, /*bias_per_row=*/true, /*split_rows=*/false};
+  const int64_t nnz_blocks = row_offsets[m / bm];
+  if (nnz_blocks < kMinPanelReuse * (k / bn)) {
+    multiply(pr, isa, num_threads);
+    return;
+  }
+  // x in panels of kPackedCols columns, [panels, k, kPackedCols] (the last one zero-padded):
+  // rows of a panel are then 96 bytes apart instead of n sizeof(T), which for power-of-two
+  // n maps the rows of an x panel to a few L1 sets and evicts them between row tiles.
+  constexpr int64_t W = kPackedCols<T>;
+  const int64_t panels = (n + W - 1) / W;
+  std::unique_ptr<T[]> packed(new T[panels * k * W]);
+#pragma omp parallel for num_threads(resolve_threads(num_threads)) if (k * n > 32768)
+  for (int64_t q = 0; q < k; ++q) {
+    for (int64_t j = 0; j < panels; ++j) {
+      const int64_t width = std::min(W, n - j * W);
+      T* dst = packed.get() + (j * k + q) * W;
+      std::copy(x + q * n + j * W, x + q * n + j * W + width, dst);
+      std::fill(dst + width, dst + W, T(0));
+    }
+  }
+  pr.b = packed.get();
+  pr.b_col = bn * W;
+  pr.b_row = W;
+  pr.b_packed_cols = W;
+  pr.b_panel = k * W;
+  multiply(pr, isa, num_threads);
+}
+
+// y [batch, m] = x W^T + bias[None, :] for x [batch, k] (the nn.Linear layout); the other
+// arguments as for bsr_dense_mm.
+template <typename T>
+void bsr_linear(const T* values, const int32_t* row_offsets, const int32_t* column_indices,
+                int64_t m, int64_t k, int64_t bm, int64_t bn, const T* x, int64_t batch,
+                const T* bias, T* y, Isa isa, int num_threads) {
+  if (batch == 0 || m == 0) return;
+  const int64_t nnz_blocks = row_offsets[m / bm];
+  // B_p is block p transposed, so that the vector operand runs along output columns.
+  std::vector<T> transposed(nnz_blocks * bm * bn);
+#pragma omp parallel for num_threads(resolve_threads(num_threads)) if (nnz_blocks > 1)
+  for (int64_t p = 0; p < nnz_blocks; ++p) {
+    const T* src = values + p * bm * bn;
+    T* dst = transposed.data() + p * bm * bn;
+    for (int64_t r = 0; r < bm; ++r)
+      for (int64_t c = 0; c < bn; ++c) dst[c * bm + r] = src[r * bn + c];
+  }
+  Problem<T> pr{x, 0, bn, k,
+                transposed.data(), bn * bm, 0, bm, 0, 0,
+                bn, row_offsets, column_indices, m / bm,
+                y, m, bm, batch, bm,
+                bias, bm, /*bias_per_row=*/false, /*split_rows=*/true};
+  multiply(pr, isa, num_threads);
+}
+
+}  // namespace bsr_dense_mm
+}  // namespace pxkern
