@@ -110,19 +110,54 @@ class TvBasicBlock(nn.Module):
         return self.relu(out)
 
 
-class TvResNet18(nn.Module):
-    def __init__(self, width: int, num_classes: int) -> None:
+class TvBottleneck(nn.Module):
+    """torchvision's ResNet-50 bottleneck: 1x1 reduce, 3x3 (stride here), 1x1 expand x4."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        out_channels = channels * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class TvResNet(nn.Module):
+    """torchvision's ImageNet ResNet layout: stem 7x7/2 + max pool, four stages of
+    ``blocks`` residual blocks (``width`` * 1, 2, 4, 8 channels), global pool, ``fc``."""
+
+    def __init__(self, block: type[nn.Module], blocks: tuple[int, int, int, int], width: int, num_classes: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
+        expansion = getattr(block, "expansion", 1)
         in_channels = width
-        for index, channels in enumerate((width, 2 * width, 4 * width, 8 * width), start=1):
+        for index, (channels, count) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), blocks), start=1):
             stride = 1 if index == 1 else 2
-            layer = nn.Sequential(TvBasicBlock(in_channels, channels, stride), TvBasicBlock(channels, channels, 1))
-            setattr(self, f"layer{index}", layer)
-            in_channels = channels
+            layer = [block(in_channels, channels, stride)]
+            in_channels = channels * expansion
+            layer += [block(in_channels, channels, 1) for _ in range(count - 1)]
+            setattr(self, f"layer{index}", nn.Sequential(*layer))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
         for module in self.modules():
@@ -133,7 +168,6 @@ class TvResNet18(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
 
 
 def cifar_resnet(depth: int = 20, *, bn: bool = True, width: int = 16, num_classes: int = 10) -> CifarResNet:
@@ -149,6 +183,11 @@ def cifar_vgg(depth: int = 16, *, bn: bool = True, width: int = 64, num_classes:
     return CifarVGG(configs[depth], bn, width, num_classes)
 
 
-def resnet18(*, width: int = 64, num_classes: int = 1000) -> TvResNet18:
+def resnet18(*, width: int = 64, num_classes: int = 1000) -> TvResNet:
     """torchvision's ResNet-18 layout with ``width`` stem channels."""
-    return TvResNet18(width, num_classes)
+    return TvResNet(TvBasicBlock, (2, 2, 2, 2), width, num_classes)
+
+
+def resnet50(*, width: int = 64, num_classes: int = 1000) -> TvResNet:
+    """torchvision's ResNet-50 layout (bottleneck blocks) with ``width`` stem channels."""
+    return TvResNet(TvBottleneck, (3, 4, 6, 3), width, num_classes)

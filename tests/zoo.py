@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pxkern.models import VGG16_CFG, VGG19_CFG, CifarResNet, CifarVGG, TvResNet18
+from pxkern.models import VGG16_CFG, VGG19_CFG, CifarResNet, CifarVGG, resnet18
 
 Example = tuple[nn.Module, torch.Tensor]
 
@@ -110,7 +110,7 @@ def resnet18_tv(width: int = 8, input_size: int = 32, batch: int = 4, num_classe
     ``out += identity``, ``downsample`` = conv1x1 + BN), with ``width`` stem channels."""
 
     def build() -> Example:
-        return TvResNet18(width, num_classes), torch.randn(batch, 3, input_size, input_size)
+        return resnet18(width=width, num_classes=num_classes), torch.randn(batch, 3, input_size, input_size)
 
     return _seeded(build, seed)
 
