@@ -1,8 +1,8 @@
 """Block-pruned models served with pxkern.sparsify against the same models dense.
 
 Models, block-pruned by magnitude to ``--density`` of their blocks (32x32 by default):
-- ``vit-b mlp``: the 12 MLP blocks of ViT-B (Linear 768->3072, ReLU, Linear 3072->768)
-  on 197 tokens per image, batch 1 and 64;
+- ``vit-b mlp``: the 12 residual MLP blocks of ViT-B (Linear 768->3072, ReLU,
+  Linear 3072->768) on 197 tokens per image, batch 1 and 64;
 - ``resnet50``: torchvision's ResNet-50 layout at 224 px, batch 1 (the 7x7 stem and the
   classifier, whose shapes the block does not divide, stay dense).
 Baselines in the same run: the dense model (MKL/oneDNN), and the same pruned model with its
@@ -28,11 +28,19 @@ from pxkern.pruning import prune
 from pxkern.sparse import sparsify
 
 
+class ResidualMLP(nn.Module):
+    """ViT-B's MLP block with its residual connection (which keeps a pruned stack alive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(768, 3072), nn.Linear(3072, 768)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
 def vit_b_mlp() -> nn.Module:
-    layers: list[nn.Module] = []
-    for _ in range(12):
-        layers += [nn.Linear(768, 3072), nn.ReLU(), nn.Linear(3072, 768)]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*[ResidualMLP() for _ in range(12)])
 
 
 @dataclass(frozen=True)
