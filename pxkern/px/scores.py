@@ -137,13 +137,16 @@ def px_scores(
             kernel_buffers = _stream_buffers(model, weights, bn, KERNEL_DTYPE)
             z2, _ = run_stream(model, kernel, ones, parameters.kernel, kernel_buffers, bn)
     scores = _scores_from_kernel(z2, v, parameters.kernel_weights, weights, mask_values)
-    if block is None:
-        return scores
-    blocked = block_mean_scores(scores, block)
-    top = max(float(s.max()) for s in blocked.values())
-    return {
-        name: (s * mask_values[name]).div_(top if top > 0 else 1.0) for name, s in blocked.items()
-    }
+    if block is not None:
+        blocked = block_mean_scores(scores, block)
+        scores = _divided_by_largest({name: s * mask_values[name] for name, s in blocked.items()})
+    return scores
+
+
+def _divided_by_largest(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Divide every score (in place) by the largest one, so that it becomes 1."""
+    top = max(float(s.max()) for s in scores.values())
+    return {name: s.div_(top) if top > 0 else s for name, s in scores.items()}
 
 
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
@@ -189,5 +192,4 @@ def _scores_from_kernel(z2, v, kernel_weights, weights, masks) -> dict[str, torc
         if not is_all_ones(masks[w.name]):
             score.mul_(masks[w.name].float())
         scores[w.name] = score
-    top = max(float(s.max()) for s in scores.values())
-    return {name: s.div_(top) if top > 0 else s for name, s in scores.items()}
+    return _divided_by_largest(scores)
