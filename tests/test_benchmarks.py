@@ -23,3 +23,24 @@ def test_bench_px_scores_quick_writes_json_and_plot(tmp_path):
     for row in report["rows"]:
         assert row["pxkern_per_forward"] > 0 and row["speedup_vs_authors"] > 0
     assert out_png.stat().st_size > 0
+
+
+def test_bench_bsr_dense_mm_quick_writes_json_and_plot(tmp_path):
+    out_json, out_png = tmp_path / "bsr.json", tmp_path / "bsr.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_bsr_dense_mm", "--quick",
+         "--json", str(out_json), "--plot", str(out_png)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out_json.read_text())
+    assert report["machine"]["torch"]
+    rows = report["rows"]
+    assert [row["density"] for row in rows] == [0.5, 0.2, 0.1, 0.05, 0.02]
+    for row in rows:
+        assert (row["shape"], row["block"], row["batch"], row["n"]) == ("square2048", 32, 1, 256)
+        for key in ("dense_ms", "ideal_ms", "torch_bsr_ms", "torch_csr_ms", "pxkern_ms",
+                    "pxkern_vs_ideal", "speedup_vs_torch_bsr", "speedup_vs_torch_csr",
+                    "speedup_vs_dense", "pxkern_useful_gflops"):
+            assert row[key] > 0, key
+    assert out_png.stat().st_size > 0
