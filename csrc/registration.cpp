@@ -17,8 +17,11 @@ TORCH_LIBRARY(pxkern, m) {
       "int[2] dilation, int groups) -> Tensor");
   m.def(
       "bsr_dense_mm(Tensor values, Tensor row_offsets, Tensor column_indices, int[2] shape, "
-      "Tensor x, Tensor? bias) -> Tensor");
+      "Tensor x, Tensor? bias, bool square_weight=False) -> Tensor");
   m.def(
       "bsr_linear(Tensor values, Tensor row_offsets, Tensor column_indices, int[2] shape, "
-      "Tensor x, Tensor? bias) -> Tensor");
+      "Tensor x, Tensor? bias, bool square_weight=False) -> Tensor");
+  m.def(
+      "bsr_px_scores(Tensor values, Tensor row_offsets, Tensor column_indices, int[2] shape, "
+      "Tensor grad_out, Tensor inputs) -> Tensor");
 }

@@ -63,7 +63,8 @@ inline Isa select_isa() {
 #if PXKERN_HAVE_AVX2_PATH
 
 // One ymm register of T: kLanes elements, unaligned loads/stores, masked loads/stores for a
-// partial last vector (mask from first_lanes), broadcast and fused multiply-add.
+// partial last vector (mask from first_lanes), broadcast, multiply, fused multiply-add and
+// absolute value.
 template <typename T>
 struct Avx2;
 
@@ -75,7 +76,9 @@ struct Avx2<float> {
   PXKERN_AVX2_FN static Vec set1(float v) { return _mm256_set1_ps(v); }
   PXKERN_AVX2_FN static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   PXKERN_AVX2_FN static Vec maskload(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
+  PXKERN_AVX2_FN static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   PXKERN_AVX2_FN static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  PXKERN_AVX2_FN static Vec abs(Vec a) { return _mm256_andnot_ps(set1(-0.0f), a); }
   PXKERN_AVX2_FN static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
   PXKERN_AVX2_FN static void maskstore(float* p, __m256i m, Vec v) { _mm256_maskstore_ps(p, m, v); }
   // All-ones in lanes [0, n).
@@ -92,7 +95,9 @@ struct Avx2<double> {
   PXKERN_AVX2_FN static Vec set1(double v) { return _mm256_set1_pd(v); }
   PXKERN_AVX2_FN static Vec load(const double* p) { return _mm256_loadu_pd(p); }
   PXKERN_AVX2_FN static Vec maskload(const double* p, __m256i m) { return _mm256_maskload_pd(p, m); }
+  PXKERN_AVX2_FN static Vec mul(Vec a, Vec b) { return _mm256_mul_pd(a, b); }
   PXKERN_AVX2_FN static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_pd(a, b, c); }
+  PXKERN_AVX2_FN static Vec abs(Vec a) { return _mm256_andnot_pd(set1(-0.0), a); }
   PXKERN_AVX2_FN static void store(double* p, Vec v) { _mm256_storeu_pd(p, v); }
   PXKERN_AVX2_FN static void maskstore(double* p, __m256i m, Vec v) { _mm256_maskstore_pd(p, m, v); }
   PXKERN_AVX2_FN static __m256i first_lanes(int n) {

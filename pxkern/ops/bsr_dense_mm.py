@@ -9,6 +9,9 @@
 * ``column_indices`` int32 ``[nnz_blocks]``, block column of each block (sorted within a
   block row by convention; the kernel accepts any order).
 
+``square_weight=True`` multiplies by ``W∘W`` instead (stream C of PX): the kernels square
+each stored value in registers, no squared copy of the weight is made.
+
 The C++ kernels run for CPU tensors when the extension is built; otherwise (or on other
 devices) W is made dense and multiplied with ``torch.mm``/``F.linear``. Forward only: no
 autograd formula is registered, use them under ``torch.no_grad()``.
@@ -101,6 +104,11 @@ def _dense_weight(
     ).to_dense()
 
 
+def _check_square_weight(op: str, square_weight: bool) -> None:
+    if not isinstance(square_weight, bool):
+        raise TypeError(f"{op}: square_weight must be a bool, got {type(square_weight).__name__}")
+
+
 def bsr_dense_mm(
     values: Tensor,
     row_offsets: Tensor,
@@ -108,8 +116,9 @@ def bsr_dense_mm(
     shape: Sequence[int],
     x: Tensor,
     bias: Tensor | None = None,
+    square_weight: bool = False,
 ) -> Tensor:
-    """``Y = W @ x + bias[:, None]`` for a block-sparse ``W``.
+    """``Y = W @ x + bias[:, None]`` for a block-sparse ``W`` (``W∘W`` if ``square_weight``).
 
     Args:
         values: ``[nnz_blocks, bm, bn]`` float32 or float64.
@@ -118,20 +127,23 @@ def bsr_dense_mm(
         shape: ``(M, K)``, multiples of ``(bm, bn)``.
         x: ``[K, N]``, same dtype and device as ``values`` (made contiguous if it is not).
         bias: ``[M]`` or None.
+        square_weight: multiply by ``W∘W`` (each stored value squared in registers).
 
     Returns:
         ``[M, N]``.
     """
     m, k = _check_bsr("bsr_dense_mm", values, row_offsets, column_indices, shape, bias)
     _check_x("bsr_dense_mm", x, values)
+    _check_square_weight("bsr_dense_mm", square_weight)
     if x.dim() != 2 or x.shape[0] != k:
         raise ValueError(f"bsr_dense_mm: x must be [K, N] with K = {k}, got {tuple(x.shape)}")
     if _use_extension(values, x):
         return torch.ops.pxkern.bsr_dense_mm(
             values.contiguous(), row_offsets.contiguous(), column_indices.contiguous(),
-            [m, k], x.contiguous(), bias,
+            [m, k], x.contiguous(), bias, square_weight,
         )
-    y = torch.mm(_dense_weight(values, row_offsets, column_indices, shape), x)
+    weight = _dense_weight(values, row_offsets, column_indices, shape)
+    y = torch.mm(weight.square() if square_weight else weight, x)
     return y if bias is None else y + bias[:, None]
 
 
@@ -142,28 +154,33 @@ def bsr_linear(
     shape: Sequence[int],
     x: Tensor,
     bias: Tensor | None = None,
+    square_weight: bool = False,
 ) -> Tensor:
-    """``x @ W.T + bias`` for a block-sparse ``W``, as ``F.linear(x, W, bias)``.
+    """``x @ W.T + bias`` for a block-sparse ``W``, as ``F.linear(x, W, bias)``; with
+    ``square_weight``, ``F.linear(x, W**2, bias)``.
 
     Args:
         values, row_offsets, column_indices, shape: ``W [M, K]`` as for :func:`bsr_dense_mm`.
         x: ``[..., K]``, same dtype and device as ``values``.
         bias: ``[M]`` or None.
+        square_weight: use ``W∘W`` (each stored value squared in registers).
 
     Returns:
         ``[..., M]``. The kernel works on the rows of ``x`` directly (no transposes).
     """
     m, k = _check_bsr("bsr_linear", values, row_offsets, column_indices, shape, bias)
     _check_x("bsr_linear", x, values)
+    _check_square_weight("bsr_linear", square_weight)
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"bsr_linear: x must be [..., K] with K = {k}, got {tuple(x.shape)}")
     if _use_extension(values, x):
         y = torch.ops.pxkern.bsr_linear(
             values.contiguous(), row_offsets.contiguous(), column_indices.contiguous(),
-            [m, k], x.reshape(-1, k).contiguous(), bias,
+            [m, k], x.reshape(-1, k).contiguous(), bias, square_weight,
         )
         return y.reshape(*x.shape[:-1], m)
-    return F.linear(x, _dense_weight(values, row_offsets, column_indices, shape), bias)
+    weight = _dense_weight(values, row_offsets, column_indices, shape)
+    return F.linear(x, weight.square() if square_weight else weight, bias)
 
 
 if EXTENSION_AVAILABLE:
@@ -183,6 +200,7 @@ if EXTENSION_AVAILABLE:
         shape: Sequence[int],
         x: Tensor,
         bias: Tensor | None,
+        square_weight: bool = False,
     ) -> Tensor:
         _fake_checks("bsr_dense_mm", values, shape, x, 0)
         return x.new_empty((shape[0], x.shape[1]))
@@ -195,6 +213,7 @@ if EXTENSION_AVAILABLE:
         shape: Sequence[int],
         x: Tensor,
         bias: Tensor | None,
+        square_weight: bool = False,
     ) -> Tensor:
         _fake_checks("bsr_linear", values, shape, x, 1)
         return x.new_empty((x.shape[0], shape[0]))

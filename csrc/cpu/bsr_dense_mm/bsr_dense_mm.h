@@ -11,6 +11,10 @@
 // Outputs:
 //   bsr_dense_mm:  y [M, N] = W x + bias[:, None]   for x [K, N]
 //   bsr_linear:    y [B, M] = x W^T + bias[None, :] for x [B, K]  (nn.Linear layout)
+// With square_weight, both use W∘W instead of W (stream C of PX):
+// each stored value is squared in registers as it is used, never in a copy of the weight.
+// A compile-time template flag (Square) selects which operand holds W, so the plain
+// product carries no extra instruction.
 //
 // One kernel serves both. Block row i owns an output region D_i (mm: rows i bm.. of y, all
 // N columns; linear: all B rows, columns i bm..) that accumulates, over the row's blocks p
@@ -36,7 +40,8 @@
 // otherwise, or when PXKERN_CPU_ISA=portable.
 //
 // Work and traffic (N := B for linear, s = sizeof(T)):
-//   FLOPs  = 2 nnz_blocks bm bn N
+//   FLOPs  = 2 nnz_blocks bm bn N; square_weight adds one multiply per weight element
+//            loaded into a register (the same traffic).
 //   DRAM   ~ s (nnz_blocks bm bn + K N + M N) + 4 (nnz_blocks + M / bm + 1); linear also
 //            writes and reads the transposed copy of values (2 s nnz_blocks bm bn).
 //            bsr_dense_mm adds a read and write of x when it packs x (see above).
@@ -97,6 +102,10 @@ constexpr int64_t kMaxVectors = 3;
 constexpr int64_t kMinPanelReuse = 3;
 template <typename T>
 constexpr int64_t kPackedCols = kMaxVectors * 32 / static_cast<int64_t>(sizeof(T));
+
+// Which operand of a Problem holds W and is squared in registers (square_weight): none, the
+// broadcast operand A (bsr_dense_mm) or the vector operand B (bsr_linear).
+enum class Square { kNone, kA, kB };
 
 // One product as the kernel sees it (see the file header). Element (r, k) of A_p is
 // a[p a_block + col_p a_col + r a_row + k]. Element (k, c) of B_p is
@@ -162,7 +171,7 @@ inline int64_t balanced_start(int64_t n, int64_t parts, int64_t j) {
 // for the baseline ISA).
 constexpr int64_t kPortableRows = 4, kPortableCols = 24;
 
-template <typename T>
+template <typename T, Square Sq>
 void tile_portable(const Problem<T>& pr, const Tile<T>& t) {
   T acc[kPortableRows][kPortableCols];
   for (int64_t r = 0; r < t.rows; ++r) {
@@ -180,8 +189,10 @@ void tile_portable(const Problem<T>& pr, const Tile<T>& t) {
     const T* b = pr.b + t.b_offset + p * pr.b_block + col * pr.b_col;
     for (int64_t k = 0; k < pr.depth; ++k, b += pr.b_row) {
       for (int64_t r = 0; r < t.rows; ++r) {
-        const T w = a[r * pr.a_row + k];
-        for (int64_t c = 0; c < t.cols; ++c) acc[r][c] += w * b[c];
+        const T w = Sq == Square::kA ? a[r * pr.a_row + k] * a[r * pr.a_row + k]
+                                     : a[r * pr.a_row + k];
+        for (int64_t c = 0; c < t.cols; ++c)
+          acc[r][c] += w * (Sq == Square::kB ? b[c] * b[c] : b[c]);
       }
     }
   }
@@ -198,7 +209,7 @@ using cpu::Avx2;
 constexpr int kMaxAccumulators = 12;
 
 // kTail: the last of the V vectors is partial and goes through `tail` masked loads/stores.
-template <typename T, int R, int V, bool kTail>
+template <typename T, Square Sq, int R, int V, bool kTail>
 PXKERN_AVX2_FN void tile_avx2(const Problem<T>& pr, const Tile<T>& t, __m256i tail) {
   using S = Avx2<T>;
   using Vec = typename S::Vec;
@@ -232,10 +243,13 @@ PXKERN_AVX2_FN void tile_avx2(const Problem<T>& pr, const Tile<T>& t, __m256i ta
     const T* b = pr.b + t.b_offset + p * pr.b_block + col * pr.b_col;
     for (int64_t k = 0; k < depth; ++k, b += b_row) {
       Vec bv[V];
-      for (int v = 0; v < V; ++v)
+      for (int v = 0; v < V; ++v) {
         bv[v] = (kTail && v == V - 1) ? S::maskload(b + v * L, tail) : S::load(b + v * L);
+        if constexpr (Sq == Square::kB) bv[v] = S::mul(bv[v], bv[v]);
+      }
       for (int r = 0; r < R; ++r) {
-        const Vec w = S::set1(a[r * a_row + k]);
+        Vec w = S::set1(a[r * a_row + k]);
+        if constexpr (Sq == Square::kA) w = S::mul(w, w);
         for (int v = 0; v < V; ++v) acc[r][v] = S::fma(w, bv[v], acc[r][v]);
       }
     }
@@ -251,43 +265,56 @@ PXKERN_AVX2_FN void tile_avx2(const Problem<T>& pr, const Tile<T>& t, __m256i ta
     }
 }
 
-// Picks the instantiation with R == t.rows (t.rows <= kMaxAccumulators / V).
-template <typename T, int V, bool kTail, int R = 1>
-PXKERN_AVX2_FN void tile_avx2_rows(const Problem<T>& pr, const Tile<T>& t, __m256i tail) {
+// Register tiles of any BSR core go through dispatch_tile_avx2, which calls
+// Kernel::template run<R, V, kTail>(args..., tail) for a tile of `rows` rows and `cols`
+// columns: V = ceil(cols / lanes) <= kMaxVectors vectors, the last one partial (kTail,
+// lanes masked by tail) if cols is not a multiple of the lanes, and R = rows
+// (R V <= kMaxAccumulators).
+template <typename Kernel, int V, bool kTail, int R = 1, typename... Args>
+PXKERN_AVX2_FN void tile_avx2_rows(int64_t rows, __m256i tail, const Args&... args) {
   if constexpr (R * V <= kMaxAccumulators) {
-    if (t.rows == R) {
-      tile_avx2<T, R, V, kTail>(pr, t, tail);
+    if (rows == R) {
+      Kernel::template run<R, V, kTail>(args..., tail);
     } else {
-      tile_avx2_rows<T, V, kTail, R + 1>(pr, t, tail);
+      tile_avx2_rows<Kernel, V, kTail, R + 1>(rows, tail, args...);
     }
   }
 }
 
-template <typename T, int V>
-PXKERN_AVX2_FN void tile_avx2_tail(const Problem<T>& pr, const Tile<T>& t, __m256i tail) {
-  if (t.cols % Avx2<T>::kLanes != 0) {
-    tile_avx2_rows<T, V, true>(pr, t, tail);
+template <typename T, typename Kernel, int V, typename... Args>
+PXKERN_AVX2_FN void tile_avx2_tail(int64_t rows, int64_t cols, __m256i tail,
+                                   const Args&... args) {
+  if (cols % Avx2<T>::kLanes != 0) {
+    tile_avx2_rows<Kernel, V, true>(rows, tail, args...);
   } else {
-    tile_avx2_rows<T, V, false>(pr, t, tail);
+    tile_avx2_rows<Kernel, V, false>(rows, tail, args...);
   }
 }
 
-template <typename T>
-PXKERN_AVX2_FN void tile_avx2_dispatch(const Problem<T>& pr, const Tile<T>& t) {
+template <typename T, typename Kernel, typename... Args>
+PXKERN_AVX2_FN void dispatch_tile_avx2(int64_t rows, int64_t cols, const Args&... args) {
   constexpr int64_t L = Avx2<T>::kLanes;
-  const __m256i tail = Avx2<T>::first_lanes(static_cast<int>(t.cols % L));
-  switch ((t.cols + L - 1) / L) {
-    case 1: tile_avx2_tail<T, 1>(pr, t, tail); break;
-    case 2: tile_avx2_tail<T, 2>(pr, t, tail); break;
-    default: tile_avx2_tail<T, 3>(pr, t, tail); break;
+  const __m256i tail = Avx2<T>::first_lanes(static_cast<int>(cols % L));
+  switch ((cols + L - 1) / L) {
+    case 1: tile_avx2_tail<T, Kernel, 1>(rows, cols, tail, args...); break;
+    case 2: tile_avx2_tail<T, Kernel, 2>(rows, cols, tail, args...); break;
+    default: tile_avx2_tail<T, Kernel, 3>(rows, cols, tail, args...); break;
   }
 }
+
+template <typename T, Square Sq>
+struct MultiplyTile {
+  template <int R, int V, bool kTail>
+  PXKERN_AVX2_FN static void run(const Problem<T>& pr, const Tile<T>& t, __m256i tail) {
+    tile_avx2<T, Sq, R, V, kTail>(pr, t, tail);
+  }
+};
 
 #endif  // PXKERN_HAVE_AVX2_PATH
 
 // Region of block row i restricted to rows [r_lo, r_hi) x columns [c_lo, c_hi); c_lo is a
 // multiple of the vector length.
-template <typename T>
+template <typename T, Square Sq>
 void region(const Problem<T>& pr, bool avx2, int64_t i, int64_t r_lo, int64_t r_hi,
             int64_t c_lo, int64_t c_hi) {
 #if PXKERN_HAVE_AVX2_PATH
@@ -330,11 +357,11 @@ void region(const Problem<T>& pr, bool avx2, int64_t i, int64_t r_lo, int64_t r_
           t.rows = g0 + balanced_start(g1 - g0, row_tiles, rt + 1) - t.r0;
 #if PXKERN_HAVE_AVX2_PATH
           if (avx2) {
-            tile_avx2_dispatch(pr, t);
+            dispatch_tile_avx2<T, MultiplyTile<T, Sq>>(t.rows, t.cols, pr, t);
             continue;
           }
 #endif
-          tile_portable(pr, t);
+          tile_portable<T, Sq>(pr, t);
         }
       }
     }
@@ -350,7 +377,7 @@ inline int resolve_threads(int num_threads) {
 #endif
 }
 
-template <typename T>
+template <typename T, Square Sq>
 void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
   if (pr.block_rows == 0 || pr.rows == 0 || pr.cols == 0) return;
 #if PXKERN_HAVE_AVX2_PATH
@@ -376,20 +403,32 @@ void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
     const int64_t lo = balanced_start(split_units, splits, s);
     const int64_t hi = balanced_start(split_units, splits, s + 1);
     if (pr.split_rows) {
-      region(pr, avx2, i, lo, hi, 0, pr.cols);
+      region<T, Sq>(pr, avx2, i, lo, hi, 0, pr.cols);
     } else {
-      region(pr, avx2, i, 0, pr.rows, lo * col_unit, std::min(pr.cols, hi * col_unit));
+      region<T, Sq>(pr, avx2, i, 0, pr.rows, lo * col_unit, std::min(pr.cols, hi * col_unit));
     }
   }
 }
 
-// y [m, n] = W x + bias[:, None] for W [m, k] in BSR form (bm x bn blocks) and x [k, n].
-// bias may be nullptr. The structure must pass check_structure. num_threads <= 0 uses the
-// OpenMP default.
+// The instantiation of multiply that squares `weight` (the operand holding W) if
+// square_weight, else the plain one.
+template <typename T>
+void multiply(const Problem<T>& pr, bool square_weight, Square weight, Isa isa,
+              int num_threads) {
+  switch (square_weight ? weight : Square::kNone) {
+    case Square::kNone: multiply<T, Square::kNone>(pr, isa, num_threads); break;
+    case Square::kA: multiply<T, Square::kA>(pr, isa, num_threads); break;
+    case Square::kB: multiply<T, Square::kB>(pr, isa, num_threads); break;
+  }
+}
+
+// y [m, n] = W x + bias[:, None] for W [m, k] in BSR form (bm x bn blocks) and x [k, n];
+// W∘W instead of W if square_weight. bias may be nullptr. The structure must pass
+// check_structure. num_threads <= 0 uses the OpenMP default.
 template <typename T>
 void bsr_dense_mm(const T* values, const int32_t* row_offsets, const int32_t* column_indices,
                   int64_t m, int64_t k, int64_t bm, int64_t bn, const T* x, int64_t n,
-                  const T* bias, T* y, Isa isa, int num_threads) {
+                  const T* bias, T* y, bool square_weight, Isa isa, int num_threads) {
   if (m == 0 || n == 0) return;
   Problem<T> pr{values, bm * bn, 0, bn,
                 x, 0, bn * n, n, 0, 0,
@@ -398,7 +437,7 @@ void bsr_dense_mm(const T* values, const int32_t* row_offsets, const int32_t* co
                 bias, bm, /*bias_per_row=*/true, /*split_rows=*/false};
   const int64_t nnz_blocks = row_offsets[m / bm];
   if (nnz_blocks < kMinPanelReuse * (k / bn)) {
-    multiply(pr, isa, num_threads);
+    multiply(pr, square_weight, Square::kA, isa, num_threads);
     return;
   }
   // x in panels of kPackedCols columns, [panels, k, kPackedCols] (the last one zero-padded):
@@ -421,7 +460,7 @@ void bsr_dense_mm(const T* values, const int32_t* row_offsets, const int32_t* co
   pr.b_row = W;
   pr.b_packed_cols = W;
   pr.b_panel = k * W;
-  multiply(pr, isa, num_threads);
+  multiply(pr, square_weight, Square::kA, isa, num_threads);
 }
 
 // y [batch, m] = x W^T + bias[None, :] for x [batch, k] (the nn.Linear layout); the other
@@ -429,7 +468,7 @@ void bsr_dense_mm(const T* values, const int32_t* row_offsets, const int32_t* co
 template <typename T>
 void bsr_linear(const T* values, const int32_t* row_offsets, const int32_t* column_indices,
                 int64_t m, int64_t k, int64_t bm, int64_t bn, const T* x, int64_t batch,
-                const T* bias, T* y, Isa isa, int num_threads) {
+                const T* bias, T* y, bool square_weight, Isa isa, int num_threads) {
   if (batch == 0 || m == 0) return;
   const int64_t nnz_blocks = row_offsets[m / bm];
   // B_p is block p transposed, so that the vector operand runs along output columns.
@@ -446,7 +485,7 @@ void bsr_linear(const T* values, const int32_t* row_offsets, const int32_t* colu
                 bn, row_offsets, column_indices, m / bm,
                 y, m, bm, batch, bm,
                 bias, bm, /*bias_per_row=*/false, /*split_rows=*/true};
-  multiply(pr, isa, num_threads);
+  multiply(pr, square_weight, Square::kB, isa, num_threads);
 }
 
 }  // namespace bsr_dense_mm

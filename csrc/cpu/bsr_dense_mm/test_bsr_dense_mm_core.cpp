@@ -1,8 +1,9 @@
-// Checks the torch-free bsr_dense_mm core (bsr_dense_mm and bsr_linear) against a dense
-// triple loop on odd shapes, rectangular and square blocks of 8-64, densities 1 to 0, for
-// both ISA paths and both dtypes; and check_structure on broken metadata. Exit code 0 on
-// success.
+// Checks the torch-free bsr_dense_mm core (bsr_dense_mm and bsr_linear, plain and with
+// square_weight) against a dense triple loop on odd shapes, rectangular and square blocks of
+// 8-64, densities 1 to 0, for both ISA paths and both dtypes; and check_structure on broken
+// metadata. Exit code 0 on success.
 #include "bsr_dense_mm.h"
+#include "random_bsr.h"
 
 #include <cmath>
 #include <cstdio>
@@ -12,6 +13,7 @@
 namespace {
 
 using pxkern::bsr_dense_mm::Isa;
+using pxkern::testing::Bsr;
 
 struct Case {
   int64_t m, k, bm, bn, n;
@@ -19,47 +21,19 @@ struct Case {
   bool bias;
 };
 
-// W [m, k] in BSR form, its blocks kept with probability density, plus the dense copy.
-struct Bsr {
-  std::vector<double> values, dense;
-  std::vector<int32_t> row_offsets, column_indices;
-};
-
-Bsr random_bsr(const Case& c, std::mt19937& rng, bool round_to_float) {
-  std::uniform_real_distribution<double> value(-1.0, 1.0);
-  std::bernoulli_distribution keep(c.density);
-  Bsr w;
-  w.dense.assign(c.m * c.k, 0.0);
-  w.row_offsets.push_back(0);
-  for (int64_t i = 0; i < c.m / c.bm; ++i) {
-    for (int64_t j = 0; j < c.k / c.bn; ++j) {
-      if (!keep(rng)) continue;
-      w.column_indices.push_back(static_cast<int32_t>(j));
-      for (int64_t r = 0; r < c.bm; ++r)
-        for (int64_t q = 0; q < c.bn; ++q) {
-          double v = value(rng);
-          if (round_to_float) v = static_cast<float>(v);
-          w.values.push_back(v);
-          w.dense[(i * c.bm + r) * c.k + j * c.bn + q] = v;
-        }
-    }
-    w.row_offsets.push_back(static_cast<int32_t>(w.column_indices.size()));
-  }
-  return w;
-}
-
 template <typename T>
-bool compare(const char* what, const Case& c, Isa isa, const std::vector<T>& out,
+bool compare(const char* what, const Case& c, bool square, Isa isa, const std::vector<T>& out,
              const std::vector<double>& ref, double tol) {
   for (size_t i = 0; i < ref.size(); ++i) {
     const double err = std::fabs(static_cast<double>(out[i]) - ref[i]);
     if (!(err <= tol * (1.0 + std::fabs(ref[i])))) {
       std::printf(
-          "FAIL %s %s isa=%s m=%lld k=%lld block=%lldx%lld n=%lld density=%.2f bias=%d: flat "
-          "index %zu got %.9g expected %.9g (abs err %.3g)\n",
-          what, sizeof(T) == 4 ? "float32" : "float64", isa == Isa::kAvx2 ? "avx2" : "portable",
-          (long long)c.m, (long long)c.k, (long long)c.bm, (long long)c.bn, (long long)c.n,
-          c.density, (int)c.bias, i, static_cast<double>(out[i]), ref[i], err);
+          "FAIL %s%s %s isa=%s m=%lld k=%lld block=%lldx%lld n=%lld density=%.2f bias=%d: "
+          "flat index %zu got %.9g expected %.9g (abs err %.3g)\n",
+          what, square ? " square_weight" : "", sizeof(T) == 4 ? "float32" : "float64",
+          isa == Isa::kAvx2 ? "avx2" : "portable", (long long)c.m, (long long)c.k,
+          (long long)c.bm, (long long)c.bn, (long long)c.n, c.density, (int)c.bias, i,
+          static_cast<double>(out[i]), ref[i], err);
       return false;
     }
   }
@@ -67,8 +41,8 @@ bool compare(const char* what, const Case& c, Isa isa, const std::vector<T>& out
 }
 
 template <typename T>
-bool check_case(const Case& c, Isa isa, double tol, std::mt19937& rng) {
-  const Bsr w = random_bsr(c, rng, sizeof(T) == 4);
+bool check_case(const Case& c, bool square, Isa isa, double tol, std::mt19937& rng) {
+  const Bsr w = pxkern::testing::random_bsr(c.m, c.k, c.bm, c.bn, c.density, rng, sizeof(T) == 4);
   std::uniform_real_distribution<double> value(-1.0, 1.0);
   std::vector<double> x(c.k * c.n), xt(c.n * c.k), bias(c.bias ? c.m : 0);
   for (double& v : x) v = static_cast<T>(value(rng));
@@ -76,12 +50,15 @@ bool check_case(const Case& c, Isa isa, double tol, std::mt19937& rng) {
   for (int64_t q = 0; q < c.k; ++q)
     for (int64_t j = 0; j < c.n; ++j) xt[j * c.k + q] = x[q * c.n + j];
 
-  // y = W x + bias[:, None] and its transpose, by definition in double.
+  // y = W x + bias[:, None] (W∘W if square) and its transpose, by definition in double.
   std::vector<double> ref(c.m * c.n), ref_t(c.n * c.m);
   for (int64_t i = 0; i < c.m; ++i)
     for (int64_t j = 0; j < c.n; ++j) {
       double acc = c.bias ? bias[i] : 0.0;
-      for (int64_t q = 0; q < c.k; ++q) acc += w.dense[i * c.k + q] * x[q * c.n + j];
+      for (int64_t q = 0; q < c.k; ++q) {
+        const double wq = w.dense[i * c.k + q];
+        acc += (square ? wq * wq : wq) * x[q * c.n + j];
+      }
       ref[i * c.n + j] = acc;
       ref_t[j * c.m + i] = acc;
     }
@@ -92,12 +69,12 @@ bool check_case(const Case& c, Isa isa, double tol, std::mt19937& rng) {
   std::vector<T> out(c.m * c.n, T(-12345)), out_t(c.n * c.m, T(-12345));
   pxkern::bsr_dense_mm::bsr_dense_mm<T>(values.data(), w.row_offsets.data(),
                                         w.column_indices.data(), c.m, c.k, c.bm, c.bn, xv.data(),
-                                        c.n, bias_ptr, out.data(), isa, 0);
+                                        c.n, bias_ptr, out.data(), square, isa, 0);
   pxkern::bsr_dense_mm::bsr_linear<T>(values.data(), w.row_offsets.data(),
                                       w.column_indices.data(), c.m, c.k, c.bm, c.bn, xtv.data(),
-                                      c.n, bias_ptr, out_t.data(), isa, 0);
-  return compare("bsr_dense_mm", c, isa, out, ref, tol) &&
-         compare("bsr_linear", c, isa, out_t, ref_t, tol);
+                                      c.n, bias_ptr, out_t.data(), square, isa, 0);
+  return compare("bsr_dense_mm", c, square, isa, out, ref, tol) &&
+         compare("bsr_linear", c, square, isa, out_t, ref_t, tol);
 }
 
 bool check_structure_messages() {
@@ -155,11 +132,12 @@ int main() {
   std::mt19937 rng(0);
   int failures = 0, checks = 0;
   for (const Case& c : cases)
-    for (Isa isa : isas) {
-      failures += !check_case<float>(c, isa, 2e-5, rng);
-      failures += !check_case<double>(c, isa, 1e-12, rng);
-      checks += 2;
-    }
+    for (bool square : {false, true})
+      for (Isa isa : isas) {
+        failures += !check_case<float>(c, square, isa, 2e-5, rng);
+        failures += !check_case<double>(c, square, isa, 1e-12, rng);
+        checks += 2;
+      }
   failures += !check_structure_messages();
   ++checks;
   std::printf("%d of %d checks passed\n", checks - failures, checks);

@@ -1,0 +1,98 @@
+"""PX scores of a block-sparse Linear weight: ``pxkern::bsr_px_scores``.
+
+For a Linear layer evaluated on stream C of PX, ``y = inputs @ (W∘W).T``, with cotangents
+``grad_out = dL/dy``, the PX score of a weight is ``|grad_out.T @ inputs| * W**2``. With
+``W [M, K]`` in BSR form (the fields of :mod:`pxkern.ops.bsr_dense_mm`), this op returns
+the scores of the stored weights only, in the layout of ``values``
+(``[nnz_blocks, bm, bn]``); the C++ kernel computes each stored block of
+``grad_out.T @ inputs`` in registers and never forms the dense ``[M, K]`` product.
+
+Without the extension (or off the CPU) the dense product is formed and gathered at the
+stored blocks. Forward only: the scores are not differentiated.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from pxkern._extension import EXTENSION_AVAILABLE
+from pxkern.ops.bsr_dense_mm import _check_bsr, _check_x, _use_extension
+
+__all__ = ["bsr_px_scores"]
+
+
+def bsr_px_scores(
+    values: Tensor,
+    row_offsets: Tensor,
+    column_indices: Tensor,
+    shape: Sequence[int],
+    grad_out: Tensor,
+    inputs: Tensor,
+) -> Tensor:
+    """``|grad_out.T @ inputs| * W**2`` at the stored blocks of a block-sparse ``W``.
+
+    Args:
+        values, row_offsets, column_indices, shape: ``W [M, K]`` as for
+            :func:`pxkern.ops.bsr_dense_mm.bsr_dense_mm`.
+        grad_out: ``[..., M]``, cotangents of the layer output; same dtype and device as
+            ``values``.
+        inputs: ``[..., K]``, the layer inputs, with the same leading dimensions as
+            ``grad_out`` (they are summed over).
+
+    Returns:
+        ``[nnz_blocks, bm, bn]``: for block ``p`` of block row ``i`` and block column
+        ``j = column_indices[p]``, ``|G[i*bm:(i+1)*bm, j*bn:(j+1)*bn]| * values[p]**2``
+        with ``G = grad_out.T @ inputs`` (leading dimensions flattened).
+    """
+    op = "bsr_px_scores"
+    m, k = _check_bsr(op, values, row_offsets, column_indices, shape, None)
+    _check_x(op, grad_out, values)
+    _check_x(op, inputs, values)
+    if grad_out.dim() == 0 or grad_out.shape[-1] != m:
+        raise ValueError(
+            f"{op}: grad_out must be [..., M] with M = {m}, got {tuple(grad_out.shape)}"
+        )
+    if inputs.dim() == 0 or inputs.shape[-1] != k:
+        raise ValueError(f"{op}: inputs must be [..., K] with K = {k}, got {tuple(inputs.shape)}")
+    if grad_out.shape[:-1] != inputs.shape[:-1]:
+        raise ValueError(
+            f"{op}: grad_out {tuple(grad_out.shape)} and inputs {tuple(inputs.shape)} must have "
+            "the same leading dimensions"
+        )
+    grad_rows, input_rows = grad_out.reshape(-1, m), inputs.reshape(-1, k)
+    if _use_extension(values, grad_out, inputs):
+        return torch.ops.pxkern.bsr_px_scores(
+            values.contiguous(), row_offsets.contiguous(), column_indices.contiguous(),
+            [m, k], grad_rows.contiguous(), input_rows.contiguous(),
+        )
+    nnz, bm, bn = values.shape
+    product = (grad_rows.T @ input_rows).reshape(m // bm, bm, k // bn, bn).transpose(1, 2)
+    block_rows = torch.repeat_interleave(
+        torch.arange(m // bm, device=values.device), row_offsets.diff().long(), output_size=nnz
+    )
+    return product[block_rows, column_indices.long()].abs() * values.square()
+
+
+if EXTENSION_AVAILABLE:
+
+    @torch.library.register_fake("pxkern::bsr_px_scores")
+    def _bsr_px_scores_fake(
+        values: Tensor,
+        row_offsets: Tensor,
+        column_indices: Tensor,
+        shape: Sequence[int],
+        grad_out: Tensor,
+        inputs: Tensor,
+    ) -> Tensor:
+        torch._check(
+            grad_out.dim() == 2 and inputs.dim() == 2 and grad_out.shape[1] == shape[0]
+            and inputs.shape[1] == shape[1] and grad_out.shape[0] == inputs.shape[0],
+            lambda: f"bsr_px_scores: grad_out {tuple(grad_out.shape)} and inputs "
+            f"{tuple(inputs.shape)} do not fit W of shape {list(shape)}",
+        )
+        torch._check(
+            grad_out.dtype == values.dtype and inputs.dtype == values.dtype,
+            lambda: "bsr_px_scores: grad_out and inputs dtypes must match values",
+        )
+        return values.new_empty(values.shape)
