@@ -366,3 +366,25 @@ def assert_same_topk_masks(
                 f"global keep masks at density {density} differ in {count} of {total} weights "
                 f"(expected threshold {threshold:.6g}), e.g. " + "; ".join(differing)
             )
+
+
+def assert_matches_float64(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, tolerance: tuple[float, float], context: str
+) -> None:
+    """Compare a kernel's ``dtype`` result with its float64 reference elementwise
+    (``|a - e| <= atol + rtol |e|``); on failure name the first bad index and the largest
+    absolute and relative errors."""
+    atol, rtol = tolerance
+    assert actual.shape == expected.shape, f"{context}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == dtype, f"{context}: dtype {actual.dtype} != {dtype}"
+    actual = actual.double()
+    err = (actual - expected).abs()
+    bad = ~(err <= atol + rtol * expected.abs())
+    if bad.any():
+        first = tuple(bad.nonzero()[0].tolist())
+        rel = (err / expected.abs().clamp_min(1e-30)).max().item()
+        raise AssertionError(
+            f"{context}: {int(bad.sum())} of {bad.numel()} elements off; first at {first}: "
+            f"got {actual[first].item():.9g}, expected {expected[first].item():.9g}; "
+            f"max abs err {err.max().item():.3g}, max rel err {rel:.3g} (atol={atol}, rtol={rtol})"
+        )

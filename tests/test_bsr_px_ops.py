@@ -9,14 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from test_bsr_dense_mm import (  # noqa: F401  (isa is a fixture)
-    DENSITIES,
-    DTYPES,
-    assert_close_to_reference,
-    isa,
-    needs_extension,
-    random_bsr,
-)
+from test_bsr_dense_mm import DENSITIES, DTYPES, assert_close_to_reference, needs_extension, random_bsr
 
 from pxkern.ops.bsr_dense_mm import bsr_dense_mm, bsr_linear
 from pxkern.ops.bsr_px_scores import bsr_px_scores

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pxkern._extension import EXTENSION_AVAILABLE
+from pxkern.testing import assert_matches_float64
 from pxkern.ops.sparse_conv2d import (
     prefer_sparse_conv2d,
     sparse_conv2d,
@@ -25,35 +26,8 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}
 DENSITIES = (1.0, 0.3, 0.05, 0.0)
 
 
-@pytest.fixture(params=["auto", "portable"])
-def isa(request, monkeypatch):
-    """Runs a test on the best ISA of this CPU and on the forced portable path."""
-    if request.param == "portable":
-        if not EXTENSION_AVAILABLE:
-            pytest.skip("ISA selection needs the pxkern._C extension")
-        monkeypatch.setenv("PXKERN_CPU_ISA", "portable")
-    else:
-        monkeypatch.delenv("PXKERN_CPU_ISA", raising=False)
-    return request.param
-
-
 def assert_close_to_reference(actual, expected, dtype, context: str) -> None:
-    """Compares with the float64 reference; on failure names the first bad index and the
-    largest absolute and relative errors."""
-    atol, rtol = TOLERANCES[dtype]
-    assert actual.shape == expected.shape, f"{context}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == dtype, f"{context}: dtype {actual.dtype} != {dtype}"
-    actual = actual.double()
-    err = (actual - expected).abs()
-    bad = ~(err <= atol + rtol * expected.abs())
-    if bad.any():
-        first = tuple(bad.nonzero()[0].tolist())
-        rel = (err / expected.abs().clamp_min(1e-30)).max().item()
-        raise AssertionError(
-            f"{context}: {int(bad.sum())} of {bad.numel()} elements off; first at {first}: "
-            f"got {actual[first].item():.9g}, expected {expected[first].item():.9g}; "
-            f"max abs err {err.max().item():.3g}, max rel err {rel:.3g} (atol={atol}, rtol={rtol})"
-        )
+    assert_matches_float64(actual, expected, dtype, TOLERANCES[dtype], context)
 
 
 def random_conv_inputs(n, c_in, hw, c_out, kernel, groups, density, dtype, seed=0):
