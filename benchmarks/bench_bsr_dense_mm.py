@@ -56,8 +56,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import interleaved_medians, print_table, write_json
-from pxkern._extension import EXTENSION_AVAILABLE
+from benchmarks.common import interleaved_medians, prepare_kernel_benchmark, print_table, write_json
 from pxkern.ops.bsr_dense_mm import bsr_dense_mm, bsr_linear
 
 DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.02)
@@ -242,10 +241,7 @@ def main() -> None:
                         help=f"time torch CSR at batch {BIG_BATCH} for every block size")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if not EXTENSION_AVAILABLE:
-        raise SystemExit("pxkern extension not built: run `pip install --no-build-isolation -e .`")
+    prepare_kernel_benchmark(args.threads)
     dtype = getattr(torch, args.dtype)
     shapes = [s for s in SHAPES if s.name in (args.shapes or ([HEADLINE.name] if args.quick else
                                                              [s.name for s in SHAPES]))]

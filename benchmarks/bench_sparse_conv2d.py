@@ -18,8 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import interleaved_medians, write_json
-from pxkern._extension import EXTENSION_AVAILABLE
+from benchmarks.common import interleaved_medians, prepare_kernel_benchmark, write_json
 from pxkern.ops.sparse_conv2d import MAX_SPARSE_DENSITY, sparse_conv2d
 
 DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
@@ -96,10 +95,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if not EXTENSION_AVAILABLE:
-        raise SystemExit("pxkern extension not built: run `pip install --no-build-isolation -e .`")
+    prepare_kernel_benchmark(args.threads)
     dtype = getattr(torch, args.dtype)
 
     rows = []

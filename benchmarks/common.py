@@ -40,6 +40,17 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, r
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def prepare_kernel_benchmark(threads: int | None) -> None:
+    """Use ``threads`` intra-op threads if given; stop with the build command when the
+    C++ extension the kernel benchmarks measure is not built."""
+    from pxkern._extension import EXTENSION_AVAILABLE
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if not EXTENSION_AVAILABLE:
+        raise SystemExit("pxkern extension not built: run `pip install --no-build-isolation -e .`")
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
