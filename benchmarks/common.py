@@ -112,7 +112,8 @@ def plot_bars(path: str | None, title: str, labels: Sequence[str], series: dict[
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.margins(y=0.25)  # room above the tallest bar for its label and the legend
+    ax.legend(loc="upper left", ncols=len(series))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
