@@ -1,0 +1,1 @@
+"""Kernels below the ops (:mod:`pxkern.ops`): one file per op stem and backend."""
