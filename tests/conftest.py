@@ -13,7 +13,6 @@ if not torch.cuda.is_available():
 from pxkern._extension import EXTENSION_AVAILABLE  # noqa: E402
 
 
-
 def pytest_collection_modifyitems(config, items):
     """Skips the tests marked ``gpu`` on machines without a CUDA GPU."""
     if torch.cuda.is_available():
