@@ -49,7 +49,12 @@ def _why_not(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def choose_backend(op: str, device: torch.device, backend: str | None = None) -> str:
+def choose_backend(
+    op: str,
+    device: torch.device,
+    backend: str | None = None,
+    implemented: tuple[str, ...] = BACKENDS,
+) -> str:
     """The backend that runs ``op`` on tensors of ``device``.
 
     Args:
@@ -57,21 +62,30 @@ def choose_backend(op: str, device: torch.device, backend: str | None = None) ->
         device: the device of the op's tensors.
         backend: ``"cpp"``, ``"triton"``, ``"torch"`` to force one, or None for
             ``PXKERN_BACKEND`` if set, else the fastest available.
+        implemented: the backends ``op`` has. ``PXKERN_BACKEND`` naming one it lacks
+            is ignored (it is a preference for all ops); ``backend=`` naming one raises.
 
     Raises:
-        ValueError: an unknown backend name.
+        ValueError: an unknown backend name, or one ``op`` does not implement.
         RuntimeError: a forced backend that cannot run here, with the reason.
     """
-    forced = backend if backend is not None else os.environ.get("PXKERN_BACKEND") or None
+    from_environment = os.environ.get("PXKERN_BACKEND") or None
+    if backend is None and from_environment not in implemented:
+        if from_environment is not None and from_environment not in BACKENDS:
+            raise ValueError(
+                f"PXKERN_BACKEND must be one of {BACKENDS}, got {from_environment!r}"
+            )
+        from_environment = None
+    forced = backend if backend is not None else from_environment
     if forced is not None:
-        if forced not in BACKENDS:
-            raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {forced!r}")
+        if forced not in implemented:
+            raise ValueError(f"{op}: backend must be one of {implemented}, got {forced!r}")
         reason = _why_not(forced, device)
         if reason is not None:
             raise RuntimeError(f"{op}: backend {forced!r} cannot run: {reason}")
         return forced
-    if device.type == "cuda" and _why_not("triton", device) is None:
-        return "triton"
-    if _why_not("cpp", device) is None:
-        return "cpp"
+    preference = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+    for candidate in preference:
+        if candidate in implemented and _why_not(candidate, device) is None:
+            return candidate
     return "torch"
