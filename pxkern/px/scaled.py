@@ -112,6 +112,23 @@ class Exponents:
             return self._table.get(value)
         return None
 
+    def any_tagged(self, args: tuple, kwargs: dict) -> bool:
+        """Whether a stream value is among the arguments of a torch call. Runs on every
+        call the model makes, so it looks at tensors and flat sequences directly and
+        flattens only other containers."""
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                if value in self._table:
+                    return True
+            elif isinstance(value, (list, tuple)):
+                if any(isinstance(v, torch.Tensor) and v in self._table for v in value):
+                    return True
+            elif isinstance(value, dict) and any(
+                self.of(leaf) is not None for leaf in tree_flatten(value)[0]
+            ):
+                return True
+        return False
+
     def tag(self, tensor: torch.Tensor, exponent: int) -> torch.Tensor:
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             self._table[tensor] = exponent

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from pxkern.evaluation import set_mode
 from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
@@ -144,7 +143,7 @@ class StreamMode(TorchFunctionMode):
                 f"and their in-place forms)"
             )
         exponents = self.state.exponents
-        if not any(exponents.of(leaf) is not None for leaf in tree_flatten((args, kwargs))[0]):
+        if not exponents.any_tagged(args, kwargs):
             return func(*args, **kwargs)
         if name in WEIGHTED_OPS:
             return self.arithmetic.weighted(func, args, kwargs, self.kernel_for(func, name, args, kwargs))
