@@ -23,37 +23,6 @@ from pxkern.testing import assert_same_topk_masks, assert_scores_close, referenc
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}  # scores are returned as float32
 
 
-def _snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "training": [m.training for m in model.modules()],
-        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for m in model.modules()],
-        "grads": [p.grad for p in model.parameters()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-    }
-
-
-def _assert_untouched(model: nn.Module, before: dict) -> None:
-    after = _snapshot(model)
-    assert before["state"].keys() == after["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(value, after["state"][key]), f"{key} changed"
-    assert before["training"] == after["training"], "train/eval flags changed"
-    assert before["hooks"] == after["hooks"], "hooks were left on the model"
-    assert all(g is None for g in after["grads"]), ".grad was written"
-    assert before["requires_grad"] == after["requires_grad"]
-
-
-def _random_masks(model: nn.Module, density: float, seed: int = 3) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        name: (torch.rand(p.shape, generator=generator) < density)
-        for name, p in model.named_parameters()
-        if name.endswith("weight") and p.dim() > 1
-    }
-
-
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_zoo_matches_float64_reference(name, dtype):
@@ -73,10 +42,10 @@ def test_masks_and_train_mode_model_untouched(name, density):
     model, x = zoo.ZOO[name]()
     zoo.randomize_norms(model)
     model.train()
-    masks = _random_masks(model, density)
-    before = _snapshot(model)
+    masks = zoo.random_masks(model, density)
+    before = zoo.snapshot(model)
     actual = px_scores(model, x, masks=masks)
-    _assert_untouched(model, before)
+    zoo.assert_untouched(model, before)
     for key, mask in masks.items():
         assert bool((actual[key][~mask] == 0).all()), f"{key}: masked weights scored"
         assert bool((actual[key] >= 0).all())
@@ -85,15 +54,15 @@ def test_masks_and_train_mode_model_untouched(name, density):
 
 def test_carried_prune_masks_are_used_and_restored():
     model, x = zoo.resnet20()
-    masks = _random_masks(model, 0.3)
+    masks = zoo.random_masks(model, 0.3)
     explicit = px_scores(model, x, masks=masks)
     for name, module in model.named_modules():
         if f"{name}.weight" in masks:
             torch_prune.custom_from_mask(module, "weight", masks[f"{name}.weight"])
-    before = _snapshot(model)
+    before = zoo.snapshot(model)
     effective = {name: m.weight for name, m in model.named_modules() if hasattr(m, "weight_mask")}
     carried = px_scores(model, x)
-    _assert_untouched(model, before)
+    zoo.assert_untouched(model, before)
     for name, m in model.named_modules():
         if hasattr(m, "weight_mask"):
             assert m.weight is effective[name], f"{name}.weight attribute was replaced"

@@ -117,18 +117,6 @@ def test_split_batch_gives_same_scores(name):
     assert_rel_equal(split, whole, rel=1e-12)
 
 
-def _snapshot(model: nn.Module):
-    return (
-        {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
-        [m.training for m in model.modules()],
-        [
-            (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
-            for m in model.modules()
-        ],
-        [p.requires_grad for p in model.parameters()],
-    )
-
-
 @pytest.mark.parametrize("bn", ["eval", "batch"])
 def test_model_and_torch_left_untouched(bn):
     model, x = zoo.resnet18_tv()
@@ -136,16 +124,12 @@ def test_model_and_torch_left_untouched(bn):
     prune.random_unstructured(model.fc, "weight", amount=0.3)
     model.layer1[0].bn1.eval()  # a mixed train/eval state must survive too
     model.layer2.register_forward_hook(lambda *args: None)
-    before = _snapshot(model)
+    before = zoo.snapshot(model)
     relus = (F.relu, F.relu_, F.leaky_relu, F.leaky_relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
 
     scores = reference_px_scores(model, x, bn=bn)
 
-    after = _snapshot(model)
-    assert before[0].keys() == after[0].keys()
-    for key in before[0]:
-        assert torch.equal(before[0][key], after[0][key]), f"{key} changed"
-    assert before[1:] == after[1:]
+    zoo.assert_untouched(model, before)
     assert relus == (F.relu, F.relu_, F.leaky_relu, F.leaky_relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
     assert "relu" not in vars(torch.Tensor) and "relu_" not in vars(torch.Tensor)
     layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

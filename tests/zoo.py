@@ -256,6 +256,40 @@ def sigmoid_net(batch: int = 4, seed: int = 0) -> Example:
     return _seeded(build, seed)
 
 
+def snapshot(model: nn.Module) -> dict:
+    """Everything px_scores must leave as it is: state, modes, hooks, grads."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "training": [m.training for m in model.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for m in model.modules()],
+        "grads": [p.grad for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+    }
+
+
+def assert_untouched(model: nn.Module, before: dict) -> None:
+    """``model`` is as :func:`snapshot` recorded it."""
+    after = snapshot(model)
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), f"{key} changed"
+    assert before["training"] == after["training"], "train/eval flags changed"
+    assert before["hooks"] == after["hooks"], "hooks were left on the model"
+    assert all(g is None for g in after["grads"]), ".grad was written"
+    assert before["requires_grad"] == after["requires_grad"]
+
+
+def random_masks(model: nn.Module, density: float, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Bool masks keeping about ``density`` of every weight with 2+ dimensions."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: (torch.rand(p.shape, generator=generator) < density)
+        for name, p in model.named_parameters()
+        if name.endswith("weight") and p.dim() > 1
+    }
+
+
 ZOO: dict[str, Callable[[], Example]] = {
     "mlp": mlp,
     "resnet20": resnet20,
