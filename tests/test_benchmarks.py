@@ -25,10 +25,10 @@ def test_bench_px_scores_quick_writes_json_and_plot(tmp_path):
     assert out_png.stat().st_size > 0
 
 
-def test_bench_bsr_dense_mm_quick_writes_json_and_plot(tmp_path):
+def test_bench_bsr_quick_writes_json_and_plot(tmp_path):
     out_json, out_png = tmp_path / "bsr.json", tmp_path / "bsr.png"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_bsr_dense_mm", "--quick",
+        [sys.executable, "-m", "benchmarks.bench_bsr", "--quick",
          "--json", str(out_json), "--plot", str(out_png)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )

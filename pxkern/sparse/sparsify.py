@@ -17,7 +17,7 @@ FORMATS = ("auto", "bsr", "dense")
 CANDIDATE_BLOCKS = ((64, 64), (32, 32), (16, 16), (8, 8))
 
 # Without a measurement, a layer turns block-sparse when at most this fraction of its
-# blocks is kept: bench_bsr_dense_mm puts the block-sparse product well ahead of MKL's
+# blocks is kept: bench_bsr puts the block-sparse product well ahead of MKL's
 # dense one there, and the margin shrinks fast above it.
 UNMEASURED_MAX_BLOCK_DENSITY = 0.3
 # With block=None the largest candidate block is chosen whose block density stays within

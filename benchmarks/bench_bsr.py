@@ -42,8 +42,8 @@ kernel effectively achieves on the pruned layer.
 density on log-log axes: dense (flat), ideal (density * dense), torch BSR, torch CSR and
 pxkern.
 
-Usage: python -m benchmarks.bench_bsr_dense_mm [--quick] [--shapes NAME ...] [--blocks 16 32 64]
-       [--json results/bsr_dense_mm.json] [--plot results/bsr_dense_mm.png]
+Usage: python -m benchmarks.bench_bsr [--quick] [--shapes NAME ...] [--blocks 16 32 64]
+       [--json results/bsr.json] [--plot results/bsr.png]
 """
 
 import argparse
