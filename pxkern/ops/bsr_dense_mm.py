@@ -1,4 +1,5 @@
-"""Block-sparse (BSR) times dense on the CPU: ``pxkern::bsr_dense_mm`` and ``pxkern::bsr_linear``.
+"""Block-sparse (BSR) times dense: ``bsr_dense_mm`` (``W @ x``) and ``bsr_linear``
+(``x @ W^T``).
 
 ``W [M, K]`` is given by its BSR fields, the layout of ``torch.sparse_bsr`` tensors
 (``values()``, ``crow_indices()``, ``col_indices()`` with int32 indices):
@@ -7,14 +8,23 @@
 * ``row_offsets`` int32 ``[M / bm + 1]``, the blocks of block row ``i`` are
   ``row_offsets[i]:row_offsets[i + 1]``;
 * ``column_indices`` int32 ``[nnz_blocks]``, block column of each block (sorted within a
-  block row by convention; the kernel accepts any order).
+  block row by convention; the kernels accept any order).
 
 ``square_weight=True`` multiplies by ``W∘W`` instead (stream C of PX): the kernels square
 each stored value in registers, no squared copy of the weight is made.
 
-The C++ kernels run for CPU tensors when the extension is built; otherwise (or on other
-devices) W is made dense and multiplied with ``torch.mm``/``F.linear``. Forward only: no
-autograd formula is registered, use them under ``torch.no_grad()``.
+Backends (:func:`pxkern.backend.choose_backend`, ``backend=`` or ``PXKERN_BACKEND``):
+
+* ``"cpp"``: the C++ kernels ``pxkern::bsr_dense_mm`` / ``pxkern::bsr_linear``, CPU
+  tensors, float32 and float64; they check the block structure;
+* ``"triton"``: :mod:`pxkern.kernels.triton.bsr_dense_mm` / ``bsr_linear``, CUDA tensors
+  (CPU tensors under ``TRITON_INTERPRET=1``), float16, bfloat16, float32 and float64
+  with block sizes 16, 32, 64 or 128; they trust the block structure (a
+  :class:`pxkern.sparse.BlockSparseMatrix` is validated when it is built);
+* ``"torch"``: W made dense and multiplied with ``torch.mm``/``F.linear``, float32 and
+  float64.
+
+Forward only: no autograd formula is registered, use them under ``torch.no_grad()``.
 """
 
 from collections.abc import Sequence
@@ -24,10 +34,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pxkern._extension import EXTENSION_AVAILABLE
+from pxkern.backend import choose_backend
 
 __all__ = ["bsr_dense_mm", "bsr_linear"]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_IMPLEMENTED = ("cpp", "triton", "torch")
+_VALUE_DTYPES = {
+    "cpp": (torch.float32, torch.float64),
+    "torch": (torch.float32, torch.float64),
+    "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+# Powers of two (tl.arange), at least 16 (tl.dot), at most 128 (registers per program).
+_TRITON_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _one_of(dtypes: Sequence[torch.dtype]) -> str:
+    names = [str(dtype).removeprefix("torch.") for dtype in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _check_bsr(
@@ -37,16 +60,26 @@ def _check_bsr(
     column_indices: Tensor,
     shape: Sequence[int],
     bias: Tensor | None,
-) -> tuple[int, int]:
-    """Validates the BSR fields, shape and bias; returns ``(M, K)``. The block structure
-    itself (offsets non-decreasing, column indices in range) is checked by the kernel."""
+    backend: str | None,
+) -> tuple[int, int, str]:
+    """Validates the BSR fields, shape and bias for the backend that will run ``op``;
+    returns ``(M, K, backend)``. The block structure itself (offsets non-decreasing,
+    column indices in range) is checked by the C++ kernels, trusted by the Triton ones."""
     for name, tensor in (
         ("values", values), ("row_offsets", row_offsets), ("column_indices", column_indices)
     ):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(tensor).__name__}")
-    if values.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: values must be float32 or float64, got {values.dtype}")
+    backend = choose_backend(op, values.device, backend, implemented=_IMPLEMENTED)
+    if values.dtype not in _VALUE_DTYPES[backend]:
+        hint = (
+            " (float16 and bfloat16 need backend='triton')"
+            if values.dtype in _VALUE_DTYPES["triton"] else ""
+        )
+        raise TypeError(
+            f"{op}: values must be {_one_of(_VALUE_DTYPES[backend])} on the {backend!r} "
+            f"backend, got {values.dtype}{hint}"
+        )
     if row_offsets.dtype != torch.int32 or column_indices.dtype != torch.int32:
         raise TypeError(
             f"{op}: row_offsets and column_indices must be int32, got {row_offsets.dtype} "
@@ -79,7 +112,12 @@ def _check_bsr(
             f"{op}: bias must be [{m}] {values.dtype} on {values.device}, got "
             f"{tuple(bias.shape)} {bias.dtype} on {bias.device}"
         )
-    return m, k
+    if backend == "triton" and not {bm, bn} <= set(_TRITON_BLOCK_SIZES):
+        raise ValueError(
+            f"{op}: the 'triton' backend needs block sizes in {_TRITON_BLOCK_SIZES}, got "
+            f"{bm}x{bn}"
+        )
+    return m, k, backend
 
 
 def _check_x(op: str, x: Tensor, values: Tensor) -> None:
@@ -91,8 +129,11 @@ def _check_x(op: str, x: Tensor, values: Tensor) -> None:
         )
 
 
-def _use_extension(*tensors: Tensor) -> bool:
-    return EXTENSION_AVAILABLE and all(t.device.type == "cpu" for t in tensors)
+def _contiguous_fields(
+    values: Tensor, row_offsets: Tensor, column_indices: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The BSR fields as the kernels take them (a no-op for BlockSparseMatrix fields)."""
+    return values.contiguous(), row_offsets.contiguous(), column_indices.contiguous()
 
 
 def _dense_weight(
@@ -117,31 +158,40 @@ def bsr_dense_mm(
     x: Tensor,
     bias: Tensor | None = None,
     square_weight: bool = False,
+    *,
+    backend: str | None = None,
 ) -> Tensor:
     """``Y = W @ x + bias[:, None]`` for a block-sparse ``W`` (``W∘W`` if ``square_weight``).
 
     Args:
-        values: ``[nnz_blocks, bm, bn]`` float32 or float64.
+        values: ``[nnz_blocks, bm, bn]``; float32 or float64, also float16 or bfloat16
+            on the Triton backend.
         row_offsets: int32 ``[M / bm + 1]``.
         column_indices: int32 ``[nnz_blocks]``.
         shape: ``(M, K)``, multiples of ``(bm, bn)``.
-        x: ``[K, N]``, same dtype and device as ``values`` (made contiguous if it is not).
+        x: ``[K, N]``, same dtype and device as ``values`` (any strides).
         bias: ``[M]`` or None.
         square_weight: multiply by ``W∘W`` (each stored value squared in registers).
+        backend: ``"cpp"``, ``"triton"`` or ``"torch"`` to force one, None to let
+            :func:`pxkern.backend.choose_backend` pick.
 
     Returns:
-        ``[M, N]``.
+        ``[M, N]`` in the dtype of ``values``.
     """
-    m, k = _check_bsr("bsr_dense_mm", values, row_offsets, column_indices, shape, bias)
-    _check_x("bsr_dense_mm", x, values)
-    _check_square_weight("bsr_dense_mm", square_weight)
+    op = "bsr_dense_mm"
+    m, k, backend = _check_bsr(op, values, row_offsets, column_indices, shape, bias, backend)
+    _check_x(op, x, values)
+    _check_square_weight(op, square_weight)
     if x.dim() != 2 or x.shape[0] != k:
-        raise ValueError(f"bsr_dense_mm: x must be [K, N] with K = {k}, got {tuple(x.shape)}")
-    if _use_extension(values, x):
-        return torch.ops.pxkern.bsr_dense_mm(
-            values.contiguous(), row_offsets.contiguous(), column_indices.contiguous(),
-            [m, k], x.contiguous(), bias, square_weight,
-        )
+        raise ValueError(f"{op}: x must be [K, N] with K = {k}, got {tuple(x.shape)}")
+    fields = _contiguous_fields(values, row_offsets, column_indices)
+    if backend == "triton":
+        from pxkern.kernels.triton.bsr_dense_mm import bsr_dense_mm_triton
+
+        bias = None if bias is None else bias.contiguous()
+        return bsr_dense_mm_triton(*fields, [m, k], x, bias, square_weight)
+    if backend == "cpp":
+        return torch.ops.pxkern.bsr_dense_mm(*fields, [m, k], x.contiguous(), bias, square_weight)
     weight = _dense_weight(values, row_offsets, column_indices, shape)
     y = torch.mm(weight.square() if square_weight else weight, x)
     return y if bias is None else y + bias[:, None]
@@ -155,6 +205,8 @@ def bsr_linear(
     x: Tensor,
     bias: Tensor | None = None,
     square_weight: bool = False,
+    *,
+    backend: str | None = None,
 ) -> Tensor:
     """``x @ W.T + bias`` for a block-sparse ``W``, as ``F.linear(x, W, bias)``; with
     ``square_weight``, ``F.linear(x, W**2, bias)``.
@@ -164,19 +216,28 @@ def bsr_linear(
         x: ``[..., K]``, same dtype and device as ``values``.
         bias: ``[M]`` or None.
         square_weight: use ``W∘W`` (each stored value squared in registers).
+        backend: as for :func:`bsr_dense_mm`.
 
     Returns:
-        ``[..., M]``. The kernel works on the rows of ``x`` directly (no transposes).
+        ``[..., M]`` in the dtype of ``values``. The kernels work on the rows of ``x``
+        directly (no transposes).
     """
-    m, k = _check_bsr("bsr_linear", values, row_offsets, column_indices, shape, bias)
-    _check_x("bsr_linear", x, values)
-    _check_square_weight("bsr_linear", square_weight)
+    op = "bsr_linear"
+    m, k, backend = _check_bsr(op, values, row_offsets, column_indices, shape, bias, backend)
+    _check_x(op, x, values)
+    _check_square_weight(op, square_weight)
     if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"bsr_linear: x must be [..., K] with K = {k}, got {tuple(x.shape)}")
-    if _use_extension(values, x):
+        raise ValueError(f"{op}: x must be [..., K] with K = {k}, got {tuple(x.shape)}")
+    fields = _contiguous_fields(values, row_offsets, column_indices)
+    if backend == "triton":
+        from pxkern.kernels.triton.bsr_linear import bsr_linear_triton
+
+        bias = None if bias is None else bias.contiguous()
+        y = bsr_linear_triton(*fields, [m, k], x.reshape(-1, k), bias, square_weight)
+        return y.reshape(*x.shape[:-1], m)
+    if backend == "cpp":
         y = torch.ops.pxkern.bsr_linear(
-            values.contiguous(), row_offsets.contiguous(), column_indices.contiguous(),
-            [m, k], x.reshape(-1, k).contiguous(), bias, square_weight,
+            *fields, [m, k], x.reshape(-1, k).contiguous(), bias, square_weight
         )
         return y.reshape(*x.shape[:-1], m)
     weight = _dense_weight(values, row_offsets, column_indices, shape)

@@ -4,11 +4,14 @@ For a Linear layer evaluated on stream C of PX, ``y = inputs @ (W∘W).T``, with
 ``grad_out = dL/dy``, the PX score of a weight is ``|grad_out.T @ inputs| * W**2``. With
 ``W [M, K]`` in BSR form (the fields of :mod:`pxkern.ops.bsr_dense_mm`), this op returns
 the scores of the stored weights only, in the layout of ``values``
-(``[nnz_blocks, bm, bn]``); the C++ kernel computes each stored block of
-``grad_out.T @ inputs`` in registers and never forms the dense ``[M, K]`` product.
+(``[nnz_blocks, bm, bn]``); the C++ and Triton kernels compute each stored block of
+``grad_out.T @ inputs`` in registers and never form the dense ``[M, K]`` product.
 
-Without the extension (or off the CPU) the dense product is formed and gathered at the
-stored blocks. Forward only: the scores are not differentiated.
+Backends as for :mod:`pxkern.ops.bsr_dense_mm`: ``"cpp"`` (CPU, float32 and float64),
+``"triton"`` (:mod:`pxkern.kernels.triton.bsr_px_scores`, programs over the stored
+blocks, also float16 and bfloat16, whose scores come out in float32), ``"torch"`` (the dense
+product formed and gathered at the stored blocks). Forward only: the scores are not
+differentiated.
 """
 
 from collections.abc import Sequence
@@ -17,7 +20,7 @@ import torch
 from torch import Tensor
 
 from pxkern._extension import EXTENSION_AVAILABLE
-from pxkern.ops.bsr_dense_mm import _check_bsr, _check_x, _use_extension
+from pxkern.ops.bsr_dense_mm import _check_bsr, _check_x, _contiguous_fields
 
 __all__ = ["bsr_px_scores"]
 
@@ -29,6 +32,8 @@ def bsr_px_scores(
     shape: Sequence[int],
     grad_out: Tensor,
     inputs: Tensor,
+    *,
+    backend: str | None = None,
 ) -> Tensor:
     """``|grad_out.T @ inputs| * W**2`` at the stored blocks of a block-sparse ``W``.
 
@@ -39,14 +44,17 @@ def bsr_px_scores(
             ``values``.
         inputs: ``[..., K]``, the layer inputs, with the same leading dimensions as
             ``grad_out`` (they are summed over).
+        backend: ``"cpp"``, ``"triton"`` or ``"torch"`` to force one, None to let
+            :func:`pxkern.backend.choose_backend` pick.
 
     Returns:
         ``[nnz_blocks, bm, bn]``: for block ``p`` of block row ``i`` and block column
         ``j = column_indices[p]``, ``|G[i*bm:(i+1)*bm, j*bn:(j+1)*bn]| * values[p]**2``
-        with ``G = grad_out.T @ inputs`` (leading dimensions flattened).
+        with ``G = grad_out.T @ inputs`` (leading dimensions flattened). In the dtype of
+        ``values``, float32 for float16 and bfloat16.
     """
     op = "bsr_px_scores"
-    m, k = _check_bsr(op, values, row_offsets, column_indices, shape, None)
+    m, k, backend = _check_bsr(op, values, row_offsets, column_indices, shape, None, backend)
     _check_x(op, grad_out, values)
     _check_x(op, inputs, values)
     if grad_out.dim() == 0 or grad_out.shape[-1] != m:
@@ -61,10 +69,14 @@ def bsr_px_scores(
             "the same leading dimensions"
         )
     grad_rows, input_rows = grad_out.reshape(-1, m), inputs.reshape(-1, k)
-    if _use_extension(values, grad_out, inputs):
+    fields = _contiguous_fields(values, row_offsets, column_indices)
+    if backend == "triton":
+        from pxkern.kernels.triton.bsr_px_scores import bsr_px_scores_triton
+
+        return bsr_px_scores_triton(*fields, [m, k], grad_rows, input_rows)
+    if backend == "cpp":
         return torch.ops.pxkern.bsr_px_scores(
-            values.contiguous(), row_offsets.contiguous(), column_indices.contiguous(),
-            [m, k], grad_rows.contiguous(), input_rows.contiguous(),
+            *fields, [m, k], grad_rows.contiguous(), input_rows.contiguous()
         )
     nnz, bm, bn = values.shape
     product = (grad_rows.T @ input_rows).reshape(m // bm, bm, k // bn, bn).transpose(1, 2)
