@@ -31,6 +31,8 @@ __all__ = [
     "assert_same_topk_masks",
     "assert_scores_close",
     "global_topk_masks",
+    "reference_px_layer_backward",
+    "reference_px_layer_forward",
     "reference_px_scores",
 ]
 
@@ -388,3 +390,89 @@ def assert_matches_float64(
             f"got {actual[first].item():.9g}, expected {expected[first].item():.9g}; "
             f"max abs err {err.max().item():.3g}, max rel err {rel:.3g} (atol={atol}, rtol={rtol})"
         )
+
+
+# One layer as the fused-op references call it, ``(input, weight, bias) -> output``:
+# ``F.linear``, or ``functools.partial(F.conv2d, stride=2, padding=1)``.
+Layer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _per_channel(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``vector [C]`` shaped to broadcast over dimension 1 (the channels) of ``like``."""
+    return vector.reshape(-1, *[1] * (like.dim() - 2))
+
+
+def _float64_mask(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones_like(weight, dtype=torch.float64) if mask is None else mask.to(torch.float64)
+
+
+def reference_px_layer_forward(
+    layer: Layer,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    *,
+    relu: bool,
+    u_scale: float = 1.0,
+    u_offset_scale: float = 1.0,
+    h_scale: float = 1.0,
+    h_offset_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Streams A, B and C through one layer, its eval BatchNorm (``scale``, ``shift``)
+    and ReLU, in float64, written out from spec section 2 the way the CPU path
+    (:mod:`pxkern.px.streams` with :mod:`pxkern.px.scaled`) evaluates them: B's weight is
+    the mask and its bias 1, C's weight ``(W*M)^2`` and its bias ``bias^2``; the additive
+    constants of B and C (bias, BN shift) are in units of their stream's
+    ``*_offset_scale``; the gate is A's sign after the affine. The reference of the fused
+    ops ``px_linear_forward``/``px_conv2d_forward``; returns ``(a, b, c)``."""
+    d = torch.float64
+    x, u, h, w = (t.detach().to(d) for t in (x, u, h, weight))
+    m = _float64_mask(w, mask)
+    wm = w * m
+    a = layer(x, wm, None if bias is None else bias.detach().to(d))
+    b = layer(u, m, None) * u_scale
+    c = layer(h, wm * wm, None) * h_scale
+    if bias is not None:
+        b = b + u_offset_scale
+        c = c + _per_channel(bias.detach().to(d) ** 2, c) * h_offset_scale
+    if scale is not None:
+        multiplier, offset = _per_channel(scale.detach().to(d), a), _per_channel(shift.detach().to(d), a)
+        a = a * multiplier + offset
+        b = b * multiplier + offset * u_offset_scale
+        c = c * multiplier + offset * h_offset_scale
+    if relu:
+        gate = a > 0
+        a = torch.where(gate, a, 0.0)
+        b = b * gate
+    return a, b, c
+
+
+def reference_px_layer_backward(
+    layer: Layer,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stream C's vector-Jacobian product through one layer and its PX score, by autograd
+    in float64: C's output ``layer(h, P) * scale`` with ``P = (W*M)^2`` a leaf (the value
+    C uses for W, spec section 3), backpropagated from the cotangent ``g``. C's additive
+    constants (bias, BN shift) do not change the gradients and are left out. The reference
+    of ``px_linear_backward``/``px_conv2d_backward``; returns ``(g_in, |dP| * W^2 * M)``."""
+    d = torch.float64
+    w = weight.detach().to(d)
+    m = _float64_mask(w, mask)
+    path = (w * m).square().requires_grad_()
+    c_input = h.detach().to(d).requires_grad_()
+    with torch.enable_grad():
+        c = layer(c_input, path, None)
+        if scale is not None:
+            c = c * _per_channel(scale.detach().to(d), c)
+        g_in, grad_path = torch.autograd.grad(c, (c_input, path), g.detach().to(d))
+    return g_in, grad_path.abs() * w**2 * m

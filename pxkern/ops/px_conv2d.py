@@ -1,0 +1,276 @@
+"""The fused PX Conv2d layer: streams A, B and C through one convolution in one pass over
+its weight and mask, and stream C's backward with the layer's PX score (px-spec.md
+section 6; the interface is shared with :mod:`pxkern.ops.px_linear`).
+
+Forward, with ``W*M`` the masked weight and ``conv`` the convolution of the layer's
+geometry (groups=1, dilation=1, zero padding):
+
+- A: ``a = conv(x, W*M) + bias``, then ``a = a*scale + shift`` (eval BatchNorm folded);
+- B: ``b = conv(u, M) * u_scale + [bias given] * u_offset_scale``, then
+  ``b = b*scale + shift*u_offset_scale``;
+- C: ``c = conv(h, (W*M)^2) * h_scale + bias^2 * h_offset_scale``, then
+  ``c = c*scale + shift*h_offset_scale``;
+- ``relu``: ``a, b = relu(a), b * 1[a > 0]`` (A's sign after the affine gates B); C is linear.
+
+B's weight is the mask (all ones without one) and its bias 1; C's weight ``(W*M)^2`` and
+its bias ``bias^2``. The caller carries B and C as mantissas times power-of-two exponents
+(:mod:`pxkern.px.scaled`): for inputs ``u``, ``h`` with exponents ``e_u``, ``e_h`` and
+outputs to carry ``f_u``, ``f_h``, it passes ``u_scale = 2**(e_u - f_u)`` and
+``u_offset_scale = 2**-f_u`` (the additive constants in units of the output's exponent,
+as :meth:`pxkern.px.scaled.ScaledArithmetic.weighted` rescales a bias), likewise for h.
+That is how :mod:`pxkern.px.streams` evaluates a convolution, its eval BatchNorm and
+ReLU in streams B and C; not covered: a layer in ``keep`` (B would use ``W*M``),
+LeakyReLU (A's output is not ``relu(a)``) and BatchNorm on batch statistics.
+
+Backward (stream C only), with the cotangent ``g`` at C's output (after the affine) and
+``g_pre = g * scale``: ``g_in = conv_transpose(g_pre, (W*M)^2)`` and
+``scores = |G| * W^2 * M`` with ``G`` the weight-gradient correlation of ``g_pre`` and
+``h`` summed over rows and positions (``G = dR/dP`` for ``P = (W*M)^2``, spec section 3).
+
+Backends: ``"triton"`` (:mod:`pxkern.kernels.triton.px_conv2d`, implicit-GEMM kernels;
+CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"torch"`` (``F.conv2d``
+/ ``F.conv_transpose2d`` / ``torch.nn.grad.conv2d_weight``). Both accept any memory
+format; the Triton kernels are laid out for channels-last and return channels-last
+outputs. No autograd formula: the backward is explicit.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pxkern.backend import choose_backend
+from pxkern.ops.px_layer_common import (
+    accumulation_dtype,
+    check_backward_arguments,
+    check_forward_arguments,
+)
+
+__all__ = ["px_conv2d_backward", "px_conv2d_forward"]
+
+_OP = "px_conv2d"
+
+
+def _pair(name: str, value: int | Sequence[int], minimum: int) -> list[int]:
+    """``value`` (an int or a pair of ints) as ``[h, w]``, both at least ``minimum``."""
+    pair = [value, value] if isinstance(value, int) else value
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+        raise TypeError(f"{_OP}: {name} must be an int or a pair of ints, got {value!r}")
+    pair = list(pair)
+    if min(pair) < minimum:
+        raise ValueError(f"{_OP}: {name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _check_geometry(
+    weight: Tensor,
+    spatial: Sequence[int],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+    dilation: int | Sequence[int],
+    groups: int,
+) -> tuple[list[int], list[int], tuple[int, int]]:
+    """Returns ``(stride, padding, (Ho, Wo))`` as pairs; unsupported geometry raises
+    NotImplementedError."""
+    if groups != 1:
+        raise NotImplementedError(
+            f"{_OP}: groups={groups} is not supported (groups=1 only); the PyTorch path "
+            f"(pxkern.px.streams) handles grouped convolutions"
+        )
+    if _pair("dilation", dilation, 1) != [1, 1]:
+        raise NotImplementedError(
+            f"{_OP}: dilation={dilation!r} is not supported (dilation=1 only); the PyTorch "
+            f"path (pxkern.px.streams) handles dilated convolutions"
+        )
+    stride = _pair("stride", stride, 1)
+    padding = _pair("padding", padding, 0)
+    kernel = weight.shape[2:]
+    out = tuple((size + 2 * p - k) // s + 1 for size, k, s, p in zip(spatial, kernel, stride, padding))
+    if min(out) < 1:
+        raise ValueError(
+            f"{_OP}: kernel {tuple(kernel)} with padding {padding} does not fit the input "
+            f"{tuple(spatial)} (output size {out})"
+        )
+    return stride, padding, out
+
+
+def px_conv2d_forward(
+    x: Tensor,
+    u: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    *,
+    relu: bool,
+    u_scale: float = 1.0,
+    u_offset_scale: float = 1.0,
+    h_scale: float = 1.0,
+    h_offset_scale: float = 1.0,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Streams A, B and C of one Conv2d layer (+ eval BatchNorm + ReLU); see the module
+    docstring for the math.
+
+    Args:
+        x: stream A's input ``[N, Cin, H, W]``, float32, float16 or bfloat16.
+        u: stream B's input (mantissa), like ``x``.
+        h: stream C's input (mantissa) ``[R, Cin, H, W]``, R usually 1; float64,
+            float32, float16 or bfloat16 (accumulated in float64 for float64, else float32).
+        weight: ``[Cout, Cin, kh, kw]`` in x's dtype.
+        mask: like ``weight``, bool or weight's dtype with 0/1 values; None = all ones.
+        bias: ``[Cout]`` or None.
+        scale, shift: ``[Cout]`` eval BatchNorm folded (``gamma/sqrt(var+eps)``,
+            ``beta - mean*scale``), both or neither.
+        relu: gate A and B by ``A > 0`` (after the affine).
+        u_scale, h_scale: multipliers of B's and C's products.
+        u_offset_scale, h_offset_scale: units of B's and C's additive constants.
+        stride, padding: int or ``(h, w)``; zero padding.
+        dilation, groups: must be 1 (else NotImplementedError).
+        backend: ``"triton"``, ``"torch"`` or None (see :func:`pxkern.backend.choose_backend`).
+
+    Returns:
+        ``(a, b, c, b_amax, c_amax)``: a, b ``[N, Cout, Ho, Wo]`` in x's dtype, c
+        ``[R, Cout, Ho, Wo]`` in h's dtype, and the 0-d ``max|b|`` in float32 and
+        ``max|c|`` in C's accumulation dtype (float64 for float64 h: a float64 C mantissa
+        may leave float32's range), both of the stored values.
+    """
+    multipliers = {
+        "u_scale": u_scale, "u_offset_scale": u_offset_scale, "h_scale": h_scale, "h_offset_scale": h_offset_scale,
+    }
+    check_forward_arguments(_OP, 4, x, u, h, weight, mask, bias, scale, shift, relu, multipliers)
+    stride, padding, _ = _check_geometry(weight, x.shape[2:], stride, padding, dilation, groups)
+    chosen = choose_backend(_OP, x.device, backend, implemented=("triton", "torch"))
+    if chosen == "triton":
+        # Imported when it runs: ``import pxkern`` needs no Triton, and the interpreter
+        # setting is read when the kernels are defined.
+        from pxkern.kernels.triton.px_conv2d import px_conv2d_forward_triton
+
+        return px_conv2d_forward_triton(
+            x, u, h, weight, mask, bias, scale, shift, relu,
+            float(u_scale), float(u_offset_scale), float(h_scale), float(h_offset_scale), stride, padding,
+        )
+    return _forward_torch(x, u, h, weight, mask, bias, scale, shift, relu, multipliers, stride, padding)
+
+
+def _per_channel(vector: Tensor, dtype: torch.dtype) -> Tensor:
+    return vector.to(dtype).reshape(1, -1, 1, 1)
+
+
+def _forward_torch(
+    x: Tensor, u: Tensor, h: Tensor, weight: Tensor, mask: Tensor | None, bias: Tensor | None,
+    scale: Tensor | None, shift: Tensor | None, relu: bool, multipliers: dict[str, float],
+    stride: list[int], padding: list[int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward composed of PyTorch ops, in the kernels' precision: A and B computed
+    in float32, C in its accumulation dtype, outputs rounded once to their dtype."""
+    ab_dtype, c_dtype = torch.float32, accumulation_dtype(h.dtype)
+    w = weight.to(ab_dtype)
+    m = None if mask is None else mask.to(ab_dtype)
+    wm = w if m is None else w * m
+    a = F.conv2d(x.to(ab_dtype), wm, None if bias is None else bias.to(ab_dtype), stride, padding)
+    if m is None:
+        # All-ones weight: every output channel is the same box filter of the channel sum.
+        box = torch.ones((1, 1, *weight.shape[2:]), dtype=ab_dtype, device=x.device)
+        b = F.conv2d(u.to(ab_dtype).sum(1, keepdim=True), box, None, stride, padding).expand_as(a)
+    else:
+        b = F.conv2d(u.to(ab_dtype), m, None, stride, padding)
+    b = b * multipliers["u_scale"]
+    wm_c = wm.to(c_dtype)
+    c = F.conv2d(h.to(c_dtype), wm_c * wm_c, None, stride, padding) * multipliers["h_scale"]
+    u_offset, h_offset = multipliers["u_offset_scale"], multipliers["h_offset_scale"]
+    if bias is not None:
+        b = b + u_offset
+        c = c + _per_channel(bias, c_dtype).square() * h_offset
+    if scale is not None:
+        a = a * _per_channel(scale, ab_dtype) + _per_channel(shift, ab_dtype)
+        b = b * _per_channel(scale, ab_dtype) + _per_channel(shift, ab_dtype) * u_offset
+        c = c * _per_channel(scale, c_dtype) + _per_channel(shift, c_dtype) * h_offset
+    if relu:
+        gate = a > 0
+        a = a * gate
+        b = b * gate
+    a, b, c = a.to(x.dtype), b.to(x.dtype), c.to(h.dtype)
+    return a, b, c, b.abs().amax().float(), c.abs().amax().to(c_dtype)
+
+
+def px_conv2d_backward(
+    g: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    mask: Tensor | None = None,
+    scale: Tensor | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Stream C's vector-Jacobian product through one Conv2d layer and its PX score.
+
+    The forward's ``h_scale`` is a factor of the layer's function: the caller passes
+    ``g`` multiplied by it (exponents held constant, as :mod:`pxkern.px.scaled` does),
+    or the scores of earlier layers are off by per-layer factors.
+
+    Args:
+        g: cotangent at C's output (after the affine) ``[R, Cout, Ho, Wo]``; float64,
+            float32, float16 or bfloat16.
+        h: C's input to the layer ``[R, Cin, H, W]``, g's dtype.
+        weight: ``[Cout, Cin, kh, kw]``, float32, float16 or bfloat16.
+        mask: like ``weight``, bool or weight's dtype; None = all ones.
+        scale: ``[Cout]`` eval BatchNorm scale of the forward, or None.
+        stride, padding, dilation, groups: the forward's geometry.
+        backend: ``"triton"``, ``"torch"`` or None.
+
+    Returns:
+        ``(g_in, scores)``: g_in ``[R, Cin, H, W]`` in h's dtype; scores
+        ``[Cout, Cin, kh, kw]`` in float64 for float64 h, else float32.
+    """
+    check_backward_arguments(_OP, 4, g, h, weight, mask, scale)
+    stride, padding, out = _check_geometry(weight, h.shape[2:], stride, padding, dilation, groups)
+    if tuple(g.shape[2:]) != out:
+        raise ValueError(
+            f"{_OP}: g must be [R, Cout, {out[0]}, {out[1]}] (the output of h {tuple(h.shape)} "
+            f"under stride {stride} and padding {padding}), got {tuple(g.shape)}"
+        )
+    chosen = choose_backend(_OP, g.device, backend, implemented=("triton", "torch"))
+    if chosen == "triton":
+        from pxkern.kernels.triton.px_conv2d import px_conv2d_backward_triton
+
+        return px_conv2d_backward_triton(g, h, weight, mask, scale, stride, padding)
+    return _backward_torch(g, h, weight, mask, scale, stride, padding)
+
+
+def _backward_torch(
+    g: Tensor, h: Tensor, weight: Tensor, mask: Tensor | None, scale: Tensor | None,
+    stride: list[int], padding: list[int],
+) -> tuple[Tensor, Tensor]:
+    """The backward composed of PyTorch ops in C's accumulation dtype."""
+    dtype = accumulation_dtype(h.dtype)
+    w = weight.to(dtype)
+    m = None if mask is None else mask.to(dtype)
+    wm = w if m is None else w * m
+    g_pre = g.to(dtype)
+    if scale is not None:
+        g_pre = g_pre * _per_channel(scale, dtype)
+    # With stride > 1 several input sizes give the same output size: pin H x W.
+    kernel = weight.shape[2:]
+    output_padding = [
+        size - ((out - 1) * s - 2 * p + k)
+        for size, out, s, p, k in zip(h.shape[2:], g.shape[2:], stride, padding, kernel)
+    ]
+    g_in = F.conv_transpose2d(g_pre, wm * wm, None, stride, padding, output_padding)
+    grad_path = torch.nn.grad.conv2d_weight(h.to(dtype), weight.shape, g_pre, stride, padding)
+    scores = grad_path.abs() * w * w
+    if m is not None:
+        scores = scores * m
+    return g_in.to(h.dtype), scores
