@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pxkern.kernels.triton.autotune import autotune_configs
-from pxkern.kernels.triton.bsr_dense_mm import accumulator_dtype, dot_operand_dtype
+from pxkern.kernels.triton.dtypes import accumulator_dtype, dot_operand_dtype
 
 __all__ = ["bsr_px_scores_triton", "scores_dtype"]
 

@@ -91,7 +91,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pxkern.kernels.triton.autotune import autotune_configs
-from pxkern.kernels.triton.bsr_dense_mm import accumulator_dtype, dot_operand_dtype
+from pxkern.kernels.triton.dtypes import accumulator_dtype, dot_operand_dtype
 from pxkern.ops.px_layer_common import accumulation_dtype
 
 __all__ = ["px_conv2d_backward_triton", "px_conv2d_forward_triton"]
