@@ -17,6 +17,7 @@ from torch.nn.utils import prune as torch_prune
 
 import zoo
 from pxkern import px_scores
+from pxkern.ops.bsr_dense_mm import bsr_linear
 from pxkern.px.streams import UnsupportedActivationError
 from pxkern.testing import assert_same_topk_masks, assert_scores_close, reference_px_scores
 
@@ -214,3 +215,29 @@ class _TupleOutput(nn.Module):
 
     def forward(self, x):
         return self.fc(x), x
+
+
+def test_block_pruned_linear_layers_run_block_sparse(monkeypatch):
+    """Later rounds of block pruning: Linear weights keeping few 16x16 blocks run streams
+    A and B through the BSR kernel, with the scores of the dense evaluation."""
+    import pxkern.px.streams as streams
+
+    if not streams.EXTENSION_AVAILABLE:
+        pytest.skip("the BSR kernel needs the pxkern._C extension")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 10))
+    x = torch.randn(16, 64)
+    generator = torch.Generator().manual_seed(0)
+    masks = {}
+    for name in ("0.weight", "2.weight"):
+        rows, cols = model.get_parameter(name).shape
+        count = (rows // 16) * (cols // 16)
+        blocks = torch.zeros(count, dtype=torch.bool)
+        blocks[torch.randperm(count, generator=generator)[: count // 5]] = True  # 20% of the blocks
+        blocks = blocks.reshape(rows // 16, cols // 16)
+        masks[name] = blocks.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    calls = []
+    monkeypatch.setattr(streams, "bsr_linear", lambda *args: calls.append(args[3]) or bsr_linear(*args))
+    actual = px_scores(model, x, masks=masks)
+    assert sorted(map(tuple, calls)) == sorted([(96, 64), (96, 64), (32, 96), (32, 96)]), "A and B of both layers"
+    assert_scores_close(actual, reference_px_scores(model, x, masks=masks), rel=TOLERANCE[torch.float32])

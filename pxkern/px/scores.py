@@ -122,9 +122,10 @@ def px_scores(
                     )
                 sample_shape = x.shape[1:]
                 x = x.to(dtype).contiguous(memory_format=stream_layout(x))
-                gates = StreamState(Stream.GATES, Exponents())
+                gates = StreamState(Stream.GATES, Exponents(), block_sparse=parameters.block_sparse)
                 run_stream(model, gates, x, parameters.gates, buffers, bn)
-                paths = StreamState(Stream.PATHS, Exponents(), gates.gates, parameters.ones_weights)
+                paths = StreamState(Stream.PATHS, Exponents(), gates.gates, parameters.ones_weights,
+                                    parameters.block_sparse)
                 z1, exponent = run_stream(model, paths, x * x, parameters.paths, buffers, bn)
                 v.add(z1.sum(0), exponent)
         with torch.enable_grad():

@@ -8,7 +8,8 @@ substituted parameters, under a ``TorchFunctionMode`` that
 - refuses activations the method does not cover, naming the module that calls them;
 - carries every stream value as a power-of-two scaled mantissa (``scaled.py``);
 - routes convolutions and linear layers of streams A and B to cheaper kernels where the
-  weight's structure allows (all-ones weights of B; see ``kernels_for``).
+  weight's structure allows (all-ones weights of B, pruned weights of later rounds; see
+  ``kernel_for``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from pxkern._extension import EXTENSION_AVAILABLE
 from pxkern.evaluation import set_mode
+from pxkern.ops.bsr_dense_mm import bsr_linear
 from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
 from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, empty_in_stream_layout, op_name
+from pxkern.sparse.format import BlockSparseMatrix, nonzero_blocks
+from pxkern.sparse.sparsify import UNMEASURED_MAX_BLOCK_DENSITY, choose_block
 from pxkern.weights import PrunableWeight, is_all_ones
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -70,6 +75,8 @@ class StreamState:
     # than any masking by a bool tensor on the CPU.
     gates: list[torch.Tensor] = field(default_factory=list)
     ones_weights: set[int] = field(default_factory=set)  # ids of all-ones B weights
+    # ids of pruned Linear weights of A and B -> their block-sparse form
+    block_sparse: dict[int, BlockSparseMatrix] = field(default_factory=dict)
 
 
 def _relu_arguments(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, float, bool]:
@@ -107,6 +114,28 @@ def _ones_weight_linear(x, weight, bias=None):
     """``x @ ones^T``: every output is the row sum of ``x``."""
     y = x.sum(-1, keepdim=True).expand(*x.shape[:-1], weight.shape[0])
     return y + bias if bias is not None else y
+
+
+def _block_sparse_linear(weight: BlockSparseMatrix) -> Callable:
+    """``F.linear`` with the weight's block-sparse form (the C++ BSR kernel)."""
+
+    def linear(x, _dense_weight, bias=None):
+        return bsr_linear(weight.values, weight.row_offsets, weight.column_indices, list(weight.shape), x, bias)
+
+    return linear
+
+
+def _block_sparse_forms(masked: torch.Tensor, mask: torch.Tensor) -> tuple[BlockSparseMatrix, ...]:
+    """A pruned Linear weight (``masked``) and its mask as block-sparse matrices with the
+    blocks of the mask, if a block size fits the mask's sparsity and keeps few enough
+    blocks for the BSR product to beat the dense one; else ``()``."""
+    block = choose_block(mask, None)
+    if block is None:
+        return ()
+    kept = nonzero_blocks(mask, block)
+    if float(kept.float().mean()) > UNMEASURED_MAX_BLOCK_DENSITY:
+        return ()
+    return tuple(BlockSparseMatrix.from_block_mask(m, block, kept) for m in (masked, mask))
 
 
 _SPATIAL_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
@@ -198,6 +227,8 @@ class StreamMode(TorchFunctionMode):
                 return _ones_weight_linear
             if name in _SPATIAL_DIMS:
                 return _ones_weight_conv(func, _SPATIAL_DIMS[name])
+        if name == "linear" and id(args[1]) in self.state.block_sparse:
+            return _block_sparse_linear(self.state.block_sparse[id(args[1])])
         if name == "conv2d" and prefer_sparse_conv2d(*_conv_arguments(args, kwargs)):
             return sparse_conv2d
         return func
@@ -231,6 +262,7 @@ class StreamParameters:
     kernel: dict[str, torch.Tensor]
     kernel_weights: dict[str, torch.Tensor]  # user weight name -> the leaf C differentiates
     ones_weights: set[int]
+    block_sparse: dict[int, BlockSparseMatrix]  # see StreamState
 
 
 def kept_parameter_names(model: nn.Module, keep: tuple[str, ...]) -> set[str]:
@@ -259,12 +291,11 @@ def stream_parameters(
     """Parameter substitutions of streams A, B (in ``dtype``) and C (in float64;
     see ``KERNEL_DTYPE``), px-spec.md section 2."""
     by_param = {w.param_name: w for w in weights}
-    gates, paths, kernel, kernel_weights, ones = {}, {}, {}, {}, set()
+    gates, paths, kernel, kernel_weights, ones, block_sparse = {}, {}, {}, {}, set(), {}
     for name, param in model.named_parameters():
         if not param.is_floating_point():
             continue
         p = param.detach().to(dtype)
-        p_kernel = param.detach().to(KERNEL_DTYPE, copy=True)  # fresh: squared in place
         is_kept = name in kept
         prunable = by_param.get(name)
         if prunable is not None:
@@ -275,18 +306,31 @@ def stream_parameters(
             paths[name] = masked if is_kept else mask
             if unmasked and not is_kept:
                 ones.add(id(mask))
-            masked_kernel = p_kernel if unmasked else p_kernel.mul_(mask.to(KERNEL_DTYPE))
+            if not unmasked and not is_kept and _runs_block_sparse(prunable):
+                for substituted, sparse in zip((masked, mask), _block_sparse_forms(masked, mask)):
+                    block_sparse[id(substituted)] = sparse
+            # C's copy (fresh: squared in place) from the masked weight in the parameter's
+            # own precision; the products with a 0/1 mask are exact.
+            exact = masked if p.dtype == param.dtype else param.detach() * mask.to(param.dtype)
+            masked_kernel = exact.to(KERNEL_DTYPE, copy=True)
             leaf = (masked_kernel if is_kept else masked_kernel.square_()).requires_grad_()
             kernel[name] = leaf
             kernel_weights[prunable.name] = leaf
         elif is_kept:
             gates[name] = paths[name] = p
-            kernel[name] = p_kernel
+            kernel[name] = param.detach().to(KERNEL_DTYPE)
         else:
             gates[name] = p
             paths[name] = torch.ones((), dtype=dtype, device=p.device).expand(p.shape)
-            kernel[name] = p_kernel.square_()
-    return StreamParameters(gates, paths, kernel, kernel_weights, ones)
+            kernel[name] = param.detach().to(KERNEL_DTYPE, copy=True).square_()
+    return StreamParameters(gates, paths, kernel, kernel_weights, ones, block_sparse)
+
+
+def _runs_block_sparse(weight: PrunableWeight) -> bool:
+    """Pruned weights of plain Linear layers on the CPU run through the C++ BSR kernel
+    in streams A and B (later pruning rounds, block-pruned MLPs and transformers)."""
+    return (type(weight.module) is nn.Linear and weight.param.device.type == "cpu"
+            and EXTENSION_AVAILABLE)
 
 
 def run_stream(

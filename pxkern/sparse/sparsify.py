@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from pxkern.sparse.format import BlockSparseMatrix
+from pxkern.sparse.format import BlockSparseMatrix, nonzero_blocks
 from pxkern.sparse.modules import BlockSparseConv2d, BlockSparseLinear
 
 FORMATS = ("auto", "bsr", "dense")
@@ -52,13 +52,23 @@ def _divides(block: tuple[int, int], matrix: torch.Tensor) -> bool:
     return matrix.shape[0] % block[0] == 0 and matrix.shape[1] % block[1] == 0
 
 
-def _choose_block(matrix: torch.Tensor, block: tuple[int, int] | None) -> tuple[int, int] | None:
+def choose_block(matrix: torch.Tensor, block: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The block size to store ``matrix`` with: ``block`` if it divides the matrix, else
+    (``block=None``) the largest of :data:`CANDIDATE_BLOCKS` that divides it and whose
+    block density stays within :data:`BLOCK_FILL_SLACK` of its density; None if none fits."""
     if block is not None:
         return tuple(block) if _divides(block, matrix) else None
-    density = float((matrix != 0).float().mean())
+    finest = CANDIDATE_BLOCKS[-1]
+    if not _divides(finest, matrix):
+        return None
+    density = float(matrix.count_nonzero()) / max(matrix.numel(), 1)
+    # One pass over the matrix; the coarser candidates (multiples of the finest) reduce
+    # its small block mask further.
+    fine = nonzero_blocks(matrix, finest).float()
     for candidate in CANDIDATE_BLOCKS:
         if _divides(candidate, matrix):
-            if BlockSparseMatrix.from_dense(matrix, candidate).density <= BLOCK_FILL_SLACK * density + 1e-12:
+            coarse = nonzero_blocks(fine, (candidate[0] // finest[0], candidate[1] // finest[1]))
+            if float(coarse.float().mean()) <= BLOCK_FILL_SLACK * density + 1e-12:
                 return candidate
     return None
 
@@ -128,7 +138,7 @@ def sparsify(
     decisions = []
     for name, module in list(_pruned_layers(model)):
         matrix = _matrix(module)
-        chosen = _choose_block(matrix, block)
+        chosen = choose_block(matrix, block)
         if chosen is None:
             decisions.append(LayerDecision(name, "dense", None, None, "no block size divides the weight matrix or fits its sparsity"))
             continue
