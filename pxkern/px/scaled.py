@@ -166,6 +166,30 @@ class Exponents:
         return value.double() * math.ldexp(1.0, exponent)
 
 
+class ScaledSum:
+    """A float64 running sum of power-of-two scaled tensors (the data vector ``v``)."""
+
+    def __init__(self) -> None:
+        self.mantissa: torch.Tensor | None = None
+        self.exponent = 0
+
+    def add(self, mantissa: torch.Tensor, exponent: int) -> None:
+        mantissa = mantissa.double()
+        if self.mantissa is None:
+            self.mantissa, self.exponent = mantissa, exponent
+            return
+        common = max(self.exponent, exponent)
+        self.mantissa = (self.mantissa * math.ldexp(1.0, self.exponent - common)
+                         + mantissa * math.ldexp(1.0, exponent - common))
+        self.exponent = common
+
+    def direction(self) -> torch.Tensor:
+        """The sum divided by its largest magnitude: a cotangent whose scale changes no
+        ranking of scores (R is linear in it)."""
+        peak = self.mantissa.abs().max()
+        return self.mantissa / peak if peak > 0 else self.mantissa
+
+
 def magnitude_exponent(tensor: torch.Tensor) -> int | None:
     """``r`` with ``max|tensor|`` in ``[2**(r-1), 2**r)``; None for empty or all-zero."""
     if tensor.numel() == 0:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from pxkern.backend import BACKENDS, choose_backend
 from pxkern.data import iter_batches
 from pxkern.evaluation import batchnorm_buffer_copies, check_bn_mode, model_state_restored, unit_prune_masks
-from pxkern.px.scaled import Exponents, stream_layout
+from pxkern.px.scaled import Exponents, ScaledSum, stream_layout
 from pxkern.pruning.blocks import block_mean_scores, check_block
+from pxkern.px.fused import FusedPlan, UnsupportedByPlan, build_plan
 from pxkern.px.streams import (
     KERNEL_DTYPE,
     Stream,
@@ -29,24 +31,6 @@ from pxkern.px.streams import (
     stream_parameters,
 )
 from pxkern.weights import is_all_ones, last_linear_name, prunable_weights, resolve_masks
-
-
-class _ScaledSum:
-    """A float64 running sum of power-of-two scaled tensors (the data vector ``v``)."""
-
-    def __init__(self) -> None:
-        self.mantissa: torch.Tensor | None = None
-        self.exponent = 0
-
-    def add(self, mantissa: torch.Tensor, exponent: int) -> None:
-        mantissa = mantissa.double()
-        if self.mantissa is None:
-            self.mantissa, self.exponent = mantissa, exponent
-            return
-        common = max(self.exponent, exponent)
-        self.mantissa = (self.mantissa * math.ldexp(1.0, self.exponent - common)
-                         + mantissa * math.ldexp(1.0, exponent - common))
-        self.exponent = common
 
 
 def _validate(model: nn.Module, bn: str, dtype: torch.dtype) -> None:
@@ -66,6 +50,7 @@ def px_scores(
     keep: Iterable[str] | None = None,
     dtype: torch.dtype = torch.float32,
     block: tuple[int, int] | None = None,
+    backend: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """PX scores of the prunable weights of ``model`` (px-spec.md sections 2-3, 5).
 
@@ -84,6 +69,11 @@ def px_scores(
         block: ``(bm, bn)`` to score weight blocks of the ``[C_out, C_in*kh*kw]`` matrix
             instead of single weights: every weight gets its block's mean score
             (:mod:`pxkern.pruning.blocks`).
+        backend: ``"triton"`` runs the fused plan of :mod:`pxkern.px.fused` (the default
+            for CUDA models), ``"cpp"``/``"torch"`` the stream path (the default on the
+            CPU; it runs any model); also set by ``PXKERN_BACKEND``
+            (:mod:`pxkern.backend`). A model the fused plan does not run is scored on
+            the stream path, with a warning naming what it lacks.
 
     Returns:
         ``{weight name: float32 tensor shaped like the weight}``: ``>= 0``, zero where
@@ -107,21 +97,18 @@ def px_scores(
         classifier = last_linear_name(model)
         keep = () if classifier is None else (classifier,)
     kept = kept_parameter_names(model, tuple(keep))
-    parameters = stream_parameters(model, weights, mask_values, kept, dtype)
-    buffers = _stream_buffers(model, weights, bn, dtype)
 
-    v = _ScaledSum()
-    sample_shape = None
+    batches = _CheckedBatches(data, device, dtype)
     with model_state_restored(model):
+        plan = _fused_plan(model, weights, keep, bn, dtype, backend)
+        if plan is not None:
+            return _finished(_float32_scores(plan.raw_scores(batches, mask_values, weights)),
+                             block, mask_values)
+        parameters = stream_parameters(model, weights, mask_values, kept, dtype)
+        buffers = _stream_buffers(model, weights, bn, dtype)
+        v = ScaledSum()
         with torch.no_grad():
-            for x in iter_batches(data, device):
-                if sample_shape is not None and x.shape[1:] != sample_shape:
-                    raise ValueError(
-                        f"data batches differ in sample shape: {tuple(sample_shape)} and "
-                        f"{tuple(x.shape[1:])}"
-                    )
-                sample_shape = x.shape[1:]
-                x = x.to(dtype).contiguous(memory_format=stream_layout(x))
+            for x in batches:
                 gates = StreamState(Stream.GATES, Exponents(), block_sparse=parameters.block_sparse)
                 run_stream(model, gates, x, parameters.gates, buffers, bn)
                 paths = StreamState(Stream.PATHS, Exponents(), gates.gates, parameters.ones_weights,
@@ -133,15 +120,58 @@ def px_scores(
             # batch statistics needs two values per channel, and identical samples give
             # the same statistics.
             copies = 2 if bn == "batch" else 1
-            ones = torch.ones((copies, *sample_shape), dtype=KERNEL_DTYPE, device=device)
+            ones = torch.ones((copies, *batches.sample_shape), dtype=KERNEL_DTYPE, device=device)
             kernel = StreamState(Stream.KERNEL, Exponents())
             kernel_buffers = _stream_buffers(model, weights, bn, KERNEL_DTYPE)
             z2, _ = run_stream(model, kernel, ones, parameters.kernel, kernel_buffers, bn)
-    scores = _scores_from_kernel(z2, v, parameters.kernel_weights, weights, mask_values)
-    if block is not None:
-        blocked = block_mean_scores(scores, block)
-        scores = _divided_by_largest({name: s * mask_values[name] for name, s in blocked.items()})
-    return scores
+    return _finished(_scores_from_kernel(z2, v, parameters.kernel_weights, weights, mask_values),
+                     block, mask_values)
+
+
+class _CheckedBatches:
+    """The batches of ``data`` in the streams' dtype and layout; all must share one
+    sample shape, which is kept for stream C."""
+
+    def __init__(self, data: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.data, self.device, self.dtype = data, device, dtype
+        self.sample_shape: torch.Size | None = None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for x in iter_batches(self.data, self.device):
+            if self.sample_shape is not None and x.shape[1:] != self.sample_shape:
+                raise ValueError(
+                    f"data batches differ in sample shape: {tuple(self.sample_shape)} and "
+                    f"{tuple(x.shape[1:])}"
+                )
+            self.sample_shape = x.shape[1:]
+            yield x.to(self.dtype).contiguous(memory_format=stream_layout(x))
+
+
+def _fused_plan(model: nn.Module, weights, keep: Iterable[str], bn: str, dtype: torch.dtype,
+                backend: str | None) -> FusedPlan | None:
+    """The fused plan when the Triton backend is chosen and can run this model; None
+    means the stream path (which runs any model), with a warning if Triton was chosen."""
+    device = weights[0].param.device
+    if choose_backend("px_scores", device, backend, implemented=BACKENDS) != "triton":
+        return None
+    try:
+        if bn != "eval" or dtype != torch.float32:
+            raise UnsupportedByPlan(f"bn={bn!r}, dtype={dtype} (it runs bn='eval' in float32)")
+        return build_plan(model, weights, set(keep), "triton")
+    except UnsupportedByPlan as reason:
+        warnings.warn(
+            f"px_scores: the fused Triton path does not run this model ({reason}); scoring it "
+            f"on the stream path instead", stacklevel=3,
+        )
+        return None
+
+
+def _finished(scores: dict[str, torch.Tensor], block, masks) -> dict[str, torch.Tensor]:
+    """Block means if asked for (:mod:`pxkern.pruning.blocks`)."""
+    if block is None:
+        return scores
+    blocked = block_mean_scores(scores, block)
+    return _divided_by_largest({name: s * masks[name] for name, s in blocked.items()})
 
 
 def _divided_by_largest(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,6 +190,21 @@ def _stream_buffers(model: nn.Module, weights, bn: str, dtype: torch.dtype) -> d
     return buffers
 
 
+def _largest_exponent(tensors: Iterable[torch.Tensor]) -> int:
+    """The exponent ``e`` of the largest magnitude among ``tensors`` (in ``[2**(e-1),
+    2**e)``): multiplying by ``2**-e`` brings it to 1 before a float32 cast."""
+    largest = max(float(max(-low, high)) for low, high in map(torch.aminmax, tensors))
+    if not math.isfinite(largest):
+        raise FloatingPointError("PX gradients are not finite; please report this model")
+    return math.frexp(largest)[1] if largest > 0 else 0
+
+
+def _float32_scores(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Float64 scores up to a global factor, as float32 with the largest equal to 1."""
+    scale = math.ldexp(1.0, -_largest_exponent(raw.values()))
+    return _divided_by_largest({name: (s * scale).float() for name, s in raw.items()})
+
+
 def _scores_from_kernel(z2, v, kernel_weights, weights, masks) -> dict[str, torch.Tensor]:
     """``S_l = |dR/dP_l| * W_l**2`` (masked), normalized so that the largest is 1.
 
@@ -167,18 +212,13 @@ def _scores_from_kernel(z2, v, kernel_weights, weights, masks) -> dict[str, torc
     weight-sized products: their cancellations are resolved by then, and float64
     temporaries of every weight would cost more than stream C itself on VGGs.
     """
-    peak = v.mantissa.abs().max()
-    cotangent = (v.mantissa / peak if peak > 0 else v.mantissa).to(z2.dtype)
-    cotangent = cotangent.expand_as(z2) / z2.shape[0]
+    cotangent = v.direction().to(z2.dtype).expand_as(z2) / z2.shape[0]
     leaves = [kernel_weights[w.name] for w in weights]
     grads = torch.autograd.grad(z2, leaves, grad_outputs=cotangent, allow_unused=True)
     grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
-    largest = max(float(max(-low, high)) for low, high in map(torch.aminmax, grads))
-    if not math.isfinite(largest):
-        raise FloatingPointError("PX gradients are not finite; please report this model")
-    # One power of two brings the largest gradient to 1 before the float32 cast; it is
-    # skipped (a weight-sized pass) when the gradients fit float32 comfortably anyway.
-    exponent = math.frexp(largest)[1] if largest > 0 else 0
+    # The power of two is skipped (a weight-sized pass) when the gradients fit float32
+    # comfortably anyway.
+    exponent = _largest_exponent(grads)
     scale = math.ldexp(1.0, -exponent) if abs(exponent) > 64 else 1.0
     scores = {}
     for w, grad in zip(weights, grads):

@@ -1,0 +1,480 @@
+"""The fused path of PX scoring: a traced plan of layer groups run with the fused ops.
+
+Each Linear/Conv2d layer with the eval BatchNorm and ReLU that follow it runs as one
+call of :mod:`pxkern.ops.px_linear` / :mod:`pxkern.ops.px_conv2d`: streams A, B and C in
+one pass over the weight, BatchNorm, gate and ReLU in the epilogue (px-spec.md section 6).
+Stream C's backward through the layer is the op's backward, which returns the layer's
+scores from the same pass over the weight. Everything between the layers (residual adds,
+pooling, flatten, standalone BatchNorm or ReLU) runs once per stream in plain PyTorch, C
+under autograd.
+
+The plan comes from tracing the model with ``torch.fx``. :func:`build_plan` accepts the
+modules and functions listed in ``_HOMOGENEOUS_*`` and the layer groups above, and returns
+the reason it refuses anything else (a custom layer, LeakyReLU, BatchNorm with batch
+statistics, ...): ``px_scores`` then scores the whole model on the stream path
+(:mod:`pxkern.px.streams`), which handles any model. The two paths compute the same
+scores; this one exists for the GPU, where the fused kernels save the memory traffic of
+the separate streams.
+
+Exponents follow the rules of :mod:`pxkern.px.scaled`: B and C travel as mantissas with a
+power-of-two exponent; each fused layer first brings its input's peak to [1/2, 1) through
+the op's ``*_scale`` arguments (its peak is known from the previous layer's epilogue or
+measured), so no stream value leaves float32's range at any depth.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from pxkern.px.scaled import ScaledSum, magnitude_exponent
+from pxkern.weights import PrunableWeight, is_all_ones
+
+__all__ = ["FusedPlan", "build_plan"]
+
+# Modules and functions linear in their one stream input, run unchanged on every stream
+# (the official code does so for pooling): the exponent passes through.
+_HOMOGENEOUS_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity, nn.Dropout,
+)
+_HOMOGENEOUS_FUNCTIONS = frozenset(
+    {torch.flatten, torch.reshape, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+     F.adaptive_max_pool2d, F.pad, F.dropout, operator.getitem}
+)
+_HOMOGENEOUS_METHODS = frozenset({"view", "reshape", "flatten", "contiguous", "mean", "squeeze", "unsqueeze"})
+_RELU_FUNCTIONS = frozenset({F.relu, torch.relu, torch.relu_})
+_RELU_METHODS = frozenset({"relu", "relu_"})
+_ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add})
+_METADATA_METHODS = frozenset({"size", "dim"})
+_NORMALIZATIONS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class UnsupportedByPlan(Exception):
+    """The model has something the fused plan does not run; the message says what."""
+
+
+@dataclass
+class StreamValues:
+    """One value of the model's forward in the three streams.
+
+    ``b``/``c`` are mantissas of ``b * 2**b_exponent`` and ``c * 2**c_exponent``;
+    ``*_peak`` is the magnitude exponent of the mantissa when an op already measured it.
+    ``c`` is None in batches after the first (stream C does not depend on the data).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    b_exponent: int
+    c: torch.Tensor | None
+    c_exponent: int
+    b_peak: int | None = None
+    c_peak: int | None = None
+
+
+def _normalizing_shift(mantissa: torch.Tensor, peak: int | None) -> int:
+    """The power of two ``s`` that brings the mantissa's peak into [1/2, 1) after
+    multiplying by ``2**-s``; 0 for an all-zero tensor."""
+    if peak is None:
+        peak = magnitude_exponent(mantissa)
+    return 0 if peak is None else peak
+
+
+def _peak(amax: torch.Tensor) -> int | None:
+    value = float(amax)
+    if not math.isfinite(value):
+        raise FloatingPointError("a PX stream value is not finite in the fused plan")
+    return None if value == 0 else math.frexp(value)[1]
+
+
+@dataclass
+class LayerGroup:
+    """A Linear/Conv2d layer, with the eval BatchNorm and ReLU it feeds if any."""
+
+    weight: PrunableWeight
+    module: nn.Module
+    layer_input: fx.Node
+    norm: nn.Module | None
+    relu: bool
+    ops: tuple[Callable, Callable]  # the fused op's forward and backward
+    scores: torch.Tensor | None = None  # left by stream C's backward
+
+    def affine(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The eval BatchNorm as per-channel ``(scale, shift)``, or ``(None, None)``."""
+        return _folded_norm(self.norm, dtype) if self.norm is not None else (None, None)
+
+
+def _folded_norm(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach().to(dtype)
+    shift = -norm.running_mean.to(dtype) * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.detach().to(dtype)
+    return scale, shift
+
+
+class _KernelThroughLayer(torch.autograd.Function):
+    """Stream C through a fused layer: the forward value comes from the fused forward
+    call; the backward is the op's backward, which also leaves the layer's scores."""
+
+    @staticmethod
+    def forward(ctx, h, c_out, backward: Callable, group: LayerGroup, scale):
+        ctx.save_for_backward(h)
+        ctx.backward, ctx.group, ctx.scale = backward, group, scale
+        return c_out.view_as(c_out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        grad_in, ctx.group.scores = ctx.backward(grad.contiguous(), h, ctx.scale)
+        return grad_in, None, None, None, None
+
+
+@dataclass
+class FusedPlan:
+    """A traced model as steps over :class:`StreamValues`; see the module docstring."""
+
+    graph: fx.Graph
+    modules: dict[str, nn.Module]
+    groups: dict[fx.Node, LayerGroup]  # keyed by the node whose value the group produces
+    absorbed: set[fx.Node]  # layer, BatchNorm and ReLU nodes run inside a group
+    kept: dict[fx.Node, PrunableWeight | None]  # layers run with their own parameters
+    backend: str  # of the fused ops
+
+    def run(self, x: torch.Tensor, masks: dict[str, torch.Tensor], with_kernel: bool,
+            kernel_leaves: dict[str, torch.Tensor]) -> tuple[StreamValues, dict]:
+        """Evaluates the model's three streams on the batch ``x``; C only if
+        ``with_kernel`` (on one all-ones sample, under autograd). ``kernel_leaves``
+        receives the leaves C differentiates for the kept layers."""
+        env: dict[fx.Node, Any] = {}
+        for node in self.graph.nodes:
+            if node.op == "output":
+                return _resolve(node.args[0], env), env
+            if node in self.absorbed and node not in self.groups:
+                continue
+            if node.op == "placeholder":
+                env[node] = _input_streams(x, with_kernel)
+            elif node in self.groups:
+                group = self.groups[node]
+                env[node] = self._run_group(group, env[group.layer_input], masks)
+            elif node in self.kept:
+                env[node] = _run_kept(self.modules[node.target], self.kept[node],
+                                      env[node.args[0]], masks, kernel_leaves)
+            else:
+                env[node] = _run_between_layers(node, self.modules, env)
+        raise UnsupportedByPlan("the traced graph has no output")
+
+    def raw_scores(self, batches: Iterable[torch.Tensor], masks: dict[str, torch.Tensor],
+                   weights: list[PrunableWeight]) -> dict[str, torch.Tensor]:
+        """``|G_l| * W_l**2`` (masked) of every weight, up to one positive global factor:
+        the data pass over ``batches`` accumulates ``v``, the first batch also runs C,
+        whose backward with cotangent ``v`` leaves the scores."""
+        v = ScaledSum()
+        kernel_leaves: dict[str, torch.Tensor] = {}
+        first = None
+        for x in batches:
+            out, _ = self.run(x, masks, first is None, kernel_leaves)
+            if first is None:
+                first = out
+            v.add(out.b.detach().sum(0), out.b_exponent)
+        first.c.backward(v.direction().to(first.c.dtype).expand_as(first.c))
+        found = {group.weight.name: group.scores for group in self.groups.values()}
+        for weight in self.kept.values():
+            leaf = kernel_leaves.get(weight.name) if weight is not None else None
+            if leaf is not None and leaf.grad is not None:
+                w = weight.param.detach().double()
+                found[weight.name] = leaf.grad.abs() * w * w * masks[weight.name]
+        return {w.name: found[w.name] if found.get(w.name) is not None
+                else torch.zeros(w.shape, dtype=torch.float64, device=w.param.device) for w in weights}
+
+    def _run_group(self, group: LayerGroup, t: StreamValues, masks) -> StreamValues:
+        module, weight = group.module, group.weight
+        mask = masks[weight.name]
+        mask = None if is_all_ones(mask) else mask.to(torch.bool)
+        w = weight.param.detach()
+        bias = module.bias.detach() if module.bias is not None else None
+        scale, shift = group.affine(w.dtype)
+        sb = _normalizing_shift(t.b, t.b_peak)
+        b_exponent = t.b_exponent + sb
+        h = t.c if t.c is not None else _ones_like_sample(t.a, torch.float64)
+        sc = _normalizing_shift(h, t.c_peak) if t.c is not None else 1
+        c_exponent = t.c_exponent + sc
+        geometry = _geometry(module)
+        forward, backward = group.ops
+        with torch.no_grad():
+            a, b, c, b_amax, c_amax = forward(
+                t.a, t.b, h.detach(), w, mask, bias, scale, shift, relu=group.relu,
+                u_scale=math.ldexp(1.0, -sb), u_offset_scale=math.ldexp(1.0, -b_exponent),
+                h_scale=math.ldexp(1.0, -sc), h_offset_scale=math.ldexp(1.0, -c_exponent),
+                **geometry, backend=self.backend,
+            )
+        if t.c is None:
+            return StreamValues(a, b, b_exponent, None, 0, _peak(b_amax))
+        # The op's backward multiplies the cotangent by `scale`: the BatchNorm's and the
+        # input normalization's factors both sit between C's input and the weight.
+        kernel_scale = scale.double() * math.ldexp(1.0, -sc) if scale is not None else None
+        if kernel_scale is None and sc != 0:
+            kernel_scale = torch.full((w.shape[0],), math.ldexp(1.0, -sc), dtype=torch.float64, device=w.device)
+
+        def layer_backward(grad, h_saved, grad_scale):
+            return backward(grad, h_saved, w, mask, grad_scale, **geometry, backend=self.backend)
+
+        c = _KernelThroughLayer.apply(h, c, layer_backward, group, kernel_scale)
+        return StreamValues(a, b, b_exponent, c, c_exponent, _peak(b_amax), _peak(c_amax))
+
+
+def _ones_like_sample(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ones((1, *a.shape[1:]), dtype=dtype, device=a.device)
+
+
+def _input_streams(x: torch.Tensor, with_kernel: bool) -> StreamValues:
+    """A sees ``x``, B ``x * x``, C one all-ones sample (px-spec.md section 2). C's input
+    requires grad so that autograd records the fused layers' backward from the first."""
+    c = None
+    if with_kernel:
+        c = torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device).requires_grad_()
+    return StreamValues(x, x * x, 0, c, 0)
+
+
+def _geometry(module: nn.Module) -> dict[str, Any]:
+    if isinstance(module, nn.Conv2d):
+        return {"stride": module.stride, "padding": module.padding}
+    return {}
+
+
+def _resolve(value: Any, env: dict) -> Any:
+    return fx.node.map_arg(value, lambda n: env[n])
+
+
+def _stream_args(args: Any, pick: Callable[[StreamValues], Any]) -> Any:
+    """``args`` with every :class:`StreamValues` replaced by one of its streams."""
+    return torch.utils._pytree.tree_map(
+        lambda v: pick(v) if isinstance(v, StreamValues) else v, args,
+        is_leaf=lambda v: isinstance(v, StreamValues),
+    )
+
+
+def _stream_values_in(args: Any) -> list[StreamValues]:
+    leaves = torch.utils._pytree.tree_flatten(args, is_leaf=lambda v: isinstance(v, StreamValues))[0]
+    return [v for v in leaves if isinstance(v, StreamValues)]
+
+
+def _per_stream(fn: Callable, args: tuple, kwargs: dict) -> StreamValues:
+    """``fn`` linear in its one stream argument, applied to each stream."""
+    (t,) = _stream_values_in((args, kwargs))
+
+    def call(pick):
+        return fn(*_stream_args(args, pick), **_stream_args(kwargs, pick))
+
+    with torch.no_grad():
+        a, b = call(lambda v: v.a), call(lambda v: v.b)
+    c = call(lambda v: v.c) if t.c is not None else None
+    return StreamValues(a, b, t.b_exponent, c, t.c_exponent)
+
+
+def _aligned_sum(first: StreamValues, second: StreamValues) -> StreamValues:
+    """``first + second``: the B and C mantissas are brought to the larger exponent."""
+
+    def add(x, ex, y, ey):
+        common = max(ex, ey)
+        return x * math.ldexp(1.0, ex - common) + y * math.ldexp(1.0, ey - common), common
+
+    with torch.no_grad():
+        a = first.a + second.a
+        b, b_exponent = add(first.b, first.b_exponent, second.b, second.b_exponent)
+    c, c_exponent = (None, 0) if first.c is None else add(first.c, first.c_exponent, second.c, second.c_exponent)
+    return StreamValues(a, b, b_exponent, c, c_exponent)
+
+
+def _relu_streams(t: StreamValues) -> StreamValues:
+    """A: ReLU; B: times A's gate; C: identity."""
+    with torch.no_grad():
+        gate = t.a > 0
+        return StreamValues(torch.relu(t.a), t.b * gate, t.b_exponent, t.c, t.c_exponent, None, t.c_peak)
+
+
+def _norm_streams(norm: nn.Module, t: StreamValues) -> StreamValues:
+    """Eval BatchNorm: ``x * scale + shift`` with the shift in each mantissa's units."""
+    shape = (1, -1, *[1] * (t.a.dim() - 2))
+    scale, shift = (v.reshape(shape) for v in _folded_norm(norm, t.a.dtype))
+    with torch.no_grad():
+        a = t.a * scale + shift
+        b = t.b * scale + shift * math.ldexp(1.0, -t.b_exponent)
+    c = None
+    if t.c is not None:
+        c_scale, c_shift = (v.reshape(shape) for v in _folded_norm(norm, t.c.dtype))
+        c = t.c * c_scale + c_shift * math.ldexp(1.0, -t.c_exponent)
+    return StreamValues(a, b, t.b_exponent, c, t.c_exponent)
+
+
+def _run_kept(module: nn.Module, weight: PrunableWeight | None, t: StreamValues, masks,
+              kernel_leaves: dict[str, torch.Tensor]) -> StreamValues:
+    """A layer every stream runs with its own parameters (the classifier by default);
+    C differentiates its masked weight as a leaf."""
+    functional = F.linear if isinstance(module, nn.Linear) else F.conv2d
+    extra = _conv_arguments(module) if isinstance(module, nn.Conv2d) else ()
+    w = weight.param.detach() if weight is not None else module.weight.detach()
+    if weight is not None and not is_all_ones(masks[weight.name]):
+        w = w * masks[weight.name]
+    bias = module.bias.detach() if module.bias is not None else None
+
+    def layer(x, exponent, weight_value):
+        scaled_bias = bias.to(x.dtype) * math.ldexp(1.0, -exponent) if bias is not None else None
+        out = functional(x, weight_value, scaled_bias, *extra)
+        shift = _normalizing_shift(out.detach(), None)
+        return out * math.ldexp(1.0, -shift), exponent + shift
+
+    with torch.no_grad():
+        a = functional(t.a, w, bias, *extra)
+        b, b_exponent = layer(t.b, t.b_exponent, w)
+    c, c_exponent = None, 0
+    if t.c is not None:
+        leaf = w.double().requires_grad_()
+        if weight is not None:
+            kernel_leaves[weight.name] = leaf
+        c, c_exponent = layer(t.c, t.c_exponent, leaf)
+    return StreamValues(a, b, b_exponent, c, c_exponent)
+
+
+def _conv_arguments(module: nn.Conv2d) -> tuple:
+    return (module.stride, module.padding, module.dilation, module.groups)
+
+
+def _run_between_layers(node: fx.Node, modules: dict[str, nn.Module], env: dict) -> Any:
+    """A node outside the layer groups (the kinds :func:`_classify` accepts)."""
+    args, kwargs = _resolve(node.args, env), _resolve(node.kwargs, env)
+    if node.op == "call_module":
+        module = modules[node.target]
+        if isinstance(module, nn.ReLU):
+            return _relu_streams(args[0])
+        if isinstance(module, _NORMALIZATIONS):
+            return _norm_streams(module, args[0])
+        if isinstance(module, nn.Dropout):  # off in every stream
+            return args[0]
+        return _per_stream(module, args, kwargs)
+    target = node.target
+    if node.op == "call_method":
+        if target in _RELU_METHODS:
+            return _relu_streams(args[0])
+        if target in _METADATA_METHODS:
+            return getattr(args[0].a, target)(*args[1:], **kwargs)
+        return _per_stream(lambda x, *rest, **kw: getattr(x, target)(*rest, **kw), args, kwargs)
+    if target in _RELU_FUNCTIONS:
+        return _relu_streams(args[0])
+    if target in _ADD_FUNCTIONS:
+        return _aligned_sum(args[0], args[1])
+    if target is F.dropout:  # off in every stream
+        return args[0]
+    return _per_stream(target, args, kwargs)
+
+
+def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """``"layer"``, ``"norm"``, ``"relu"`` or ``"other"`` for a supported node; raises
+    :class:`UnsupportedByPlan` naming anything else."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if type(module) in (nn.Linear, nn.Conv2d):
+            return "layer"
+        if isinstance(module, _NORMALIZATIONS):
+            if module.running_mean is None:
+                raise UnsupportedByPlan(f"'{node.target}' has no running statistics")
+            return "norm"
+        if type(module) is nn.ReLU:
+            return "relu"
+        if isinstance(module, _HOMOGENEOUS_MODULES):
+            return "other"
+        raise UnsupportedByPlan(f"module '{node.target}' ({type(module).__name__})")
+    if node.op == "call_function":
+        if node.target in _RELU_FUNCTIONS:
+            return "relu"
+        if node.target in _ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
+            return "other"
+        if node.target in _HOMOGENEOUS_FUNCTIONS:
+            return "other"
+        raise UnsupportedByPlan(f"function {getattr(node.target, '__name__', node.target)}")
+    if node.op == "call_method":
+        if node.target in _RELU_METHODS:
+            return "relu"
+        if node.target in _HOMOGENEOUS_METHODS | _METADATA_METHODS:
+            return "other"
+        raise UnsupportedByPlan(f"method .{node.target}()")
+    if node.op in ("placeholder", "output"):
+        return "other"
+    raise UnsupportedByPlan(f"a graph node of kind {node.op} ({node.target})")
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _layer_fits_ops(module: nn.Module) -> str | None:
+    """Why the fused ops cannot run this layer, or None."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.dilation != (1, 1):
+            return f"groups={module.groups}, dilation={module.dilation}"
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return f"padding={module.padding!r}, padding_mode={module.padding_mode!r}"
+    return None
+
+
+def _is_kept(module_name: str, kept_modules: set[str]) -> bool:
+    return any(module_name == k or module_name.startswith(k + ".") for k in kept_modules)
+
+
+def build_plan(
+    model: nn.Module,
+    weights: Iterable[PrunableWeight],
+    kept_modules: set[str],
+    backend: str,
+) -> FusedPlan:
+    """The fused plan of ``model``; raises :class:`UnsupportedByPlan` with the reason
+    when the model has something it does not run."""
+    from pxkern.ops.px_conv2d import px_conv2d_backward, px_conv2d_forward
+    from pxkern.ops.px_linear import px_linear_backward, px_linear_forward
+
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as error:  # noqa: BLE001  (any tracing failure means: not fusible)
+        raise UnsupportedByPlan(f"torch.fx cannot trace the forward ({type(error).__name__}: {error})") from error
+    modules = dict(traced.named_modules())
+    by_module = {w.module_name: w for w in weights}
+    groups, absorbed, kept, seen = {}, set(), {}, set()
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedByPlan(f"the forward takes {len(placeholders)} inputs, the plan one")
+    for node in traced.graph.nodes:
+        kind = _classify(node, modules)
+        if kind != "layer" or node in absorbed:
+            continue
+        module = modules[node.target]
+        if node.target in seen:
+            raise UnsupportedByPlan(f"layer '{node.target}' is called more than once")
+        seen.add(node.target)
+        if _is_kept(node.target, kept_modules) or node.target not in by_module:
+            kept[node] = by_module.get(node.target)
+            continue
+        reason = _layer_fits_ops(module)
+        if reason is not None:
+            raise UnsupportedByPlan(f"layer '{node.target}' has {reason}")
+        members = [node]
+        norm = None
+        follower = _only_user(node)
+        if follower is not None and _classify(follower, modules) == "norm":
+            norm = modules[follower.target]
+            members.append(follower)
+            follower = _only_user(follower)
+        relu = follower is not None and _classify(follower, modules) == "relu"
+        if relu:
+            members.append(follower)
+        ops = (px_conv2d_forward, px_conv2d_backward) if isinstance(module, nn.Conv2d) else (px_linear_forward, px_linear_backward)
+        groups[members[-1]] = LayerGroup(by_module[node.target], module, node.args[0], norm, relu, ops)
+        absorbed.update(members)
+    return FusedPlan(traced.graph, modules, groups, absorbed, kept, backend)

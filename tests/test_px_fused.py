@@ -1,0 +1,135 @@
+"""The fused plan of PX scoring (pxkern.px.fused) against the float64 reference.
+
+The plan runs each layer group through the fused ops. With the ops' "torch" backend it is
+checked over the zoo quickly; with the "triton" backend (Triton's interpreter on CPU
+tensors) whole ``px_scores(..., backend="triton")`` calls on a small CNN and MLP must give
+the stream path's scores. Tolerances as in test_px_scores (px-spec.md section 5): per
+layer 1e-4 of the layer's maximum, and the same global top-k masks; the two float32
+paths against each other: 1e-5.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+import zoo
+from pxkern import px_scores
+from pxkern.px.fused import UnsupportedByPlan, build_plan
+from pxkern.testing import assert_same_topk_masks, assert_scores_close, reference_px_scores
+from pxkern.weights import last_linear_name, prunable_weights, resolve_masks
+
+FUSIBLE = ["mlp", "resnet20", "resnet20_nobn", "vgg16_bn", "vgg16", "resnet18_tv", "functional_relu_cnn"]
+
+
+def _plan_scores(model: nn.Module, x: torch.Tensor, masks=None) -> dict[str, torch.Tensor]:
+    """Raw scores of the plan with the fused ops' plain-PyTorch backend."""
+    weights = prunable_weights(model)
+    plan = build_plan(model, weights, {last_linear_name(model)}, "torch")
+    return plan.raw_scores([x], resolve_masks(weights, masks), weights)
+
+
+@pytest.mark.parametrize("density", [None, 0.3])
+@pytest.mark.parametrize("name", FUSIBLE)
+def test_plan_matches_float64_reference(name, density):
+    model, x = zoo.ZOO[name]()
+    zoo.randomize_norms(model)
+    masks = zoo.random_masks(model, density) if density else None
+    expected = reference_px_scores(model, x, masks=masks)
+    actual = _plan_scores(model, x, masks)
+    assert_scores_close(actual, expected, rel=1e-4)
+    assert_same_topk_masks(actual, expected)
+
+
+def small_cnn() -> tuple[nn.Module, torch.Tensor]:
+    """Every kind of node the plan runs: conv+BN+ReLU groups, a bias-free strided conv,
+    pooling, a residual add, a standalone ReLU, flatten and the kept classifier."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+            self.pool = nn.MaxPool2d(2)
+            self.branch = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+            self.down = nn.Conv2d(6, 8, 1, stride=2)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            y = self.pool(self.stem(x))
+            y = torch.relu(self.branch(y) + y)
+            return self.head(self.down(y))
+
+    torch.manual_seed(0)
+    model = zoo.randomize_norms(Net().eval())
+    return model, torch.randn(3, 3, 9, 9)
+
+
+def small_mlp() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                          nn.Linear(6, 3))
+    return zoo.randomize_norms(model.eval()), torch.randn(5, 7)
+
+
+@pytest.mark.parametrize("density", [None, 0.5])
+@pytest.mark.parametrize("factory", [small_cnn, small_mlp])
+def test_triton_px_scores_equal_the_stream_path(factory, density):
+    model, x = factory()
+    masks = zoo.random_masks(model, density) if density else None
+    before = zoo.snapshot(model)
+    fused = px_scores(model, [x[:2], x[2:]], masks=masks, backend="triton")
+    zoo.assert_untouched(model, before)
+    streams = px_scores(model, x, masks=masks)
+    assert_scores_close(fused, streams, rel=1e-5)
+    assert_scores_close(fused, reference_px_scores(model, x, masks=masks))
+    assert max(float(s.max()) for s in fused.values()) == 1.0
+
+
+def test_triton_px_scores_use_carried_prune_masks():
+    model, x = small_cnn()
+    masks = zoo.random_masks(model, 0.5)
+    torch_prune.custom_from_mask(model.branch, "weight", masks["branch.weight"])
+    expected = px_scores(model, x)
+    assert_scores_close(px_scores(model, x, backend="triton"), expected, rel=1e-5)
+
+
+def _leaky_mlp() -> tuple[nn.Module, torch.Tensor]:
+    return nn.Sequential(nn.Linear(4, 5), nn.LeakyReLU(), nn.Linear(5, 2)), torch.randn(3, 4)
+
+
+@pytest.mark.parametrize(
+    "factory, fragment",
+    [
+        (_leaky_mlp, "LeakyReLU"),
+        (zoo.conv1d_net, "Conv1d"),
+        (zoo.custom_modules_cnn, "function"),
+    ],
+)
+def test_models_the_plan_does_not_run_fall_back_with_the_reason(factory, fragment):
+    model, x = factory()
+    with pytest.raises(UnsupportedByPlan, match=fragment):
+        build_plan(model, prunable_weights(model), set(), "torch")
+    with pytest.warns(UserWarning, match=f"fused Triton path does not run this model.*{fragment}"):
+        fused = px_scores(model, x, backend="triton")
+    assert_scores_close(fused, px_scores(model, x), rel=1e-6)
+
+
+def test_batch_statistics_use_the_stream_path():
+    model, x = small_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = px_scores(model, x, bn="batch")
+    with pytest.warns(UserWarning, match="bn='batch'"):
+        actual = px_scores(model, x, bn="batch", backend="triton")
+    assert_scores_close(actual, expected, rel=1e-6)
+
+
+def test_shared_layers_are_refused():
+    layer = nn.Linear(4, 4)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    with pytest.raises(UnsupportedByPlan, match="called more than once"):
+        build_plan(model, prunable_weights(model), set(), "torch")
