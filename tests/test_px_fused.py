@@ -133,3 +133,12 @@ def test_shared_layers_are_refused():
     model = nn.Sequential(layer, nn.ReLU(), layer)
     with pytest.raises(UnsupportedByPlan, match="called more than once"):
         build_plan(model, prunable_weights(model), set(), "torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("factory", [small_cnn, small_mlp])
+def test_cuda_models_score_through_the_fused_kernels_like_the_cpu(factory):
+    model, x = factory()
+    expected = px_scores(model, x)
+    actual = px_scores(model.cuda(), x.cuda())
+    assert_scores_close({name: s.cpu() for name, s in actual.items()}, expected, rel=1e-5)

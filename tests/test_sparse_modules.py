@@ -89,6 +89,31 @@ def test_sparsify_block_pruned_models(index, context):
         assert_close_to(model(x), expected)
 
 
+@pytest.mark.parametrize("index", [0, 1], ids=["mlp", "cnn"])
+def test_sparsified_models_run_through_the_triton_kernels(index, monkeypatch):
+    """PXKERN_BACKEND=triton sends the sparse modules to the Triton BSR kernels (the
+    interpreter here, the GPU path on CUDA) with the outputs of the dense model."""
+    model, x = _mlp_and_cnn()[index]
+    prune(model, x, density=0.3, rounds=1, method="magnitude", block=(16, 16), progress=False)
+    with torch.no_grad():
+        expected = model(x)
+    sparsify(model, block=(16, 16), format="bsr")
+    monkeypatch.setenv("PXKERN_BACKEND", "triton")
+    with torch.inference_mode():
+        assert_close_to(model(x), expected)
+
+
+@pytest.mark.gpu
+def test_sparsified_models_run_on_cuda():
+    model, x = _mlp_and_cnn()[0]
+    prune(model, x, density=0.3, rounds=1, method="magnitude", block=(16, 16), progress=False)
+    with torch.no_grad():
+        expected = model(x)
+    sparsify(model, block=(16, 16), format="bsr")
+    with torch.inference_mode():
+        assert_close_to(model.cuda()(x.cuda()).cpu(), expected)
+
+
 def _pruned(index: int, density: float, block: tuple[int, int]):
     """A fresh block-pruned model (pruned models cannot be deep-copied: torch's prune keeps
     a non-leaf tensor on the module)."""
