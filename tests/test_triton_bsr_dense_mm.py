@@ -207,25 +207,32 @@ def test_unknown_backend():
         bsr_dense_mm(*fields, torch.zeros(32, 4, device=DEVICE), backend="cuda")
 
 
-@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
-@pytest.mark.parametrize(
+# (PXKERN_BACKEND, backend=, whether the Triton op runs): backend= wins over
+# PXKERN_BACKEND, which wins over the device's default.
+BACKEND_OVERRIDES = pytest.mark.parametrize(
     "environment,argument,runs_triton",
     [("triton", None, True), ("torch", None, False), ("torch", "triton", True),
      ("triton", "torch", False)],
 )
-def test_backend_override(monkeypatch, environment, argument, runs_triton):
-    # backend= wins over PXKERN_BACKEND, which wins over the device's default; a spy on
-    # the Triton op tells which one ran, and both must give the product.
-    import pxkern.kernels.triton.bsr_dense_mm as kernel_module
 
-    calls = []
+
+def spy_on_triton_op(monkeypatch, module_name: str, op_name: str) -> list:
+    """Records the calls of a Triton op (still running it): which backend ran."""
+    module = importlib.import_module(module_name)
+    original, calls = getattr(module, op_name), []
 
     def spy(*args):
         calls.append(args)
         return original(*args)
 
-    original = kernel_module.bsr_dense_mm_triton
-    monkeypatch.setattr(kernel_module, "bsr_dense_mm_triton", spy)
+    monkeypatch.setattr(module, op_name, spy)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+@BACKEND_OVERRIDES
+def test_backend_override(monkeypatch, environment, argument, runs_triton):
+    calls = spy_on_triton_op(monkeypatch, "pxkern.kernels.triton.bsr_dense_mm", "bsr_dense_mm_triton")
     monkeypatch.setenv("PXKERN_BACKEND", environment)
     fields, dense = bsr_operand((48, 80), (16, 16), "random", torch.float32)
     x = random_tensor(80, 5, dtype=torch.float32, seed=2)

@@ -12,6 +12,7 @@ import importlib
 import pytest
 import torch
 from test_triton_bsr_dense_mm import (
+    BACKEND_OVERRIDES,
     BLOCK_IDS,
     BLOCKS,
     DEVICE,
@@ -19,6 +20,7 @@ from test_triton_bsr_dense_mm import (
     HALF_REJECTING_BACKENDS,
     bsr_operand,
     random_tensor,
+    spy_on_triton_op,
 )
 
 from pxkern.ops.bsr_px_scores import bsr_px_scores
@@ -140,24 +142,9 @@ def test_triton_block_sizes():
 
 
 @pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
-@pytest.mark.parametrize(
-    "environment,argument,runs_triton",
-    [("triton", None, True), ("torch", None, False), ("torch", "triton", True),
-     ("triton", "torch", False)],
-)
+@BACKEND_OVERRIDES
 def test_backend_override(monkeypatch, environment, argument, runs_triton):
-    # backend= wins over PXKERN_BACKEND, which wins over the device's default; a spy on
-    # the Triton op tells which one ran, and both must give the scores.
-    import pxkern.kernels.triton.bsr_px_scores as kernel_module
-
-    calls = []
-
-    def spy(*args):
-        calls.append(args)
-        return original(*args)
-
-    original = kernel_module.bsr_px_scores_triton
-    monkeypatch.setattr(kernel_module, "bsr_px_scores_triton", spy)
+    calls = spy_on_triton_op(monkeypatch, "pxkern.kernels.triton.bsr_px_scores", "bsr_px_scores_triton")
     monkeypatch.setenv("PXKERN_BACKEND", environment)
     fields, _ = bsr_operand((48, 80), (16, 16), "random", torch.float32)
     grad_out = random_tensor(3, 48, dtype=torch.float32, seed=4)
