@@ -133,7 +133,8 @@ class _KernelThroughLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (h,) = ctx.saved_tensors
-        grad_in, ctx.group.scores = ctx.backward(grad.contiguous(), h, ctx.scale)
+        # The kernels address the cotangent through its strides: no layout copy.
+        grad_in, ctx.group.scores = ctx.backward(grad, h, ctx.scale)
         return grad_in, None, None, None, None
 
 
@@ -283,8 +284,9 @@ def _aligned_sum(first: StreamValues, second: StreamValues) -> StreamValues:
     """``first + second``: the B and C mantissas are brought to the larger exponent."""
 
     def add(x, ex, y, ey):
-        common = max(ex, ey)
-        return x * math.ldexp(1.0, ex - common) + y * math.ldexp(1.0, ey - common), common
+        common = max(ex, ey)  # the operand already at it is not rescaled (a pass saved)
+        aligned = [v if e == common else v * math.ldexp(1.0, e - common) for v, e in ((x, ex), (y, ey))]
+        return aligned[0] + aligned[1], common
 
     with torch.no_grad():
         a = first.a + second.a
