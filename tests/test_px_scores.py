@@ -221,8 +221,9 @@ def test_block_pruned_linear_layers_run_block_sparse(monkeypatch):
     """Later rounds of block pruning: Linear weights keeping few 16x16 blocks run streams
     A and B through the BSR kernel, with the scores of the dense evaluation."""
     import pxkern.px.streams as streams
+    from pxkern._extension import EXTENSION_AVAILABLE
 
-    if not streams.EXTENSION_AVAILABLE:
+    if not EXTENSION_AVAILABLE:
         pytest.skip("the BSR kernel needs the pxkern._C extension")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 10))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pxkern._extension import EXTENSION_AVAILABLE
+from pxkern.backend import choose_backend
 
 __all__ = ["sparse_conv2d", "prefer_sparse_conv2d", "MAX_SPARSE_DENSITY"]
 
@@ -101,7 +102,7 @@ def sparse_conv2d(
             f"sparse_conv2d: need stride >= 1, dilation >= 1, padding >= 0; got stride="
             f"{stride_hw}, padding={padding_hw}, dilation={dilation_hw}"
         )
-    if EXTENSION_AVAILABLE and x.device.type == "cpu":
+    if _backend(x) == "cpp":
         y = torch.ops.pxkern.sparse_conv2d(
             x.contiguous(), weight.contiguous(), bias, stride_hw, padding_hw, dilation_hw, groups
         )
@@ -113,6 +114,10 @@ def sparse_conv2d(
     return F.conv2d(x, weight, bias, stride_hw, padding_hw, dilation_hw, groups)
 
 
+def _backend(x: Tensor) -> str:
+    return choose_backend("sparse_conv2d", x.device, implemented=("cpp", "torch"))
+
+
 def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
     """Whether ``sparse_conv2d`` beats ``F.conv2d`` for this call, as measured.
 
@@ -121,7 +126,7 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
     faster; later calls only look it up. False without the extension, off the CPU, for
     string paddings and above ``MAX_SPARSE_DENSITY``; True for an all-zero weight.
     """
-    if not EXTENSION_AVAILABLE or x.device.type != "cpu" or isinstance(padding, str) or weight.numel() == 0:
+    if _backend(x) != "cpp" or isinstance(padding, str) or weight.numel() == 0:
         return False
     density = torch.count_nonzero(weight).item() / weight.numel()
     if density > MAX_SPARSE_DENSITY:

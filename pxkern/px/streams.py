@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from pxkern._extension import EXTENSION_AVAILABLE
+from pxkern.backend import choose_backend
 from pxkern.evaluation import set_mode
 from pxkern.ops.bsr_dense_mm import bsr_linear
 from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
@@ -329,8 +329,8 @@ def stream_parameters(
 def _runs_block_sparse(weight: PrunableWeight) -> bool:
     """Pruned weights of plain Linear layers on the CPU run through the C++ BSR kernel
     in streams A and B (later pruning rounds, block-pruned MLPs and transformers)."""
-    return (type(weight.module) is nn.Linear and weight.param.device.type == "cpu"
-            and EXTENSION_AVAILABLE)
+    return (type(weight.module) is nn.Linear
+            and choose_backend("bsr_linear", weight.param.device, implemented=("cpp", "torch")) == "cpp")
 
 
 def run_stream(
