@@ -239,3 +239,56 @@ def test_pure_pytorch_fallback_when_disabled():
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def _differentiable_product(op: str, backend: str, square_weight: bool):
+    """A small float64 product with its inputs (values, x, bias) requiring grad."""
+    from pxkern.sparse.format import BlockSparseMatrix
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.tensor([[True, False, True], [False, True, True]])
+    dense = torch.randn(32, 48, dtype=torch.float64, generator=generator)
+    dense = dense * blocks.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    matrix = BlockSparseMatrix.from_dense(dense, (16, 16))
+    values = matrix.values.clone().requires_grad_()
+    bias = torch.randn(32, dtype=torch.float64, generator=generator).requires_grad_()
+    if op == "bsr_linear":
+        x = torch.randn(2, 3, 48, dtype=torch.float64, generator=generator).requires_grad_()
+        function = bsr_linear
+    else:
+        x = torch.randn(48, 5, dtype=torch.float64, generator=generator).requires_grad_()
+        function = bsr_dense_mm
+
+    def product(values, x, bias):
+        return function(values, matrix.row_offsets, matrix.column_indices, [32, 48], x, bias,
+                        square_weight, backend=backend)
+
+    return product, (values, x, bias)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("square_weight", [False, True])
+@pytest.mark.parametrize("op", ["bsr_dense_mm", "bsr_linear"])
+def test_gradients_match_finite_differences(op, square_weight, backend):
+    """Autograd of the C++ and PyTorch backends: float64 gradcheck in values, x and bias."""
+    if backend == "cpp" and not EXTENSION_AVAILABLE:
+        pytest.skip("the C++ backend needs the pxkern._C extension")
+    product, inputs = _differentiable_product(op, backend, square_weight)
+    assert torch.autograd.gradcheck(product, inputs)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
+@pytest.mark.parametrize("square_weight", [False, True])
+@pytest.mark.parametrize("op", ["bsr_dense_mm", "bsr_linear"])
+def test_triton_gradients_equal_the_checked_ones(op, square_weight):
+    """The Triton backend's backward (one call under the interpreter; gradcheck's many
+    evaluations would take minutes there) against the gradchecked PyTorch backend's."""
+    grads = {}
+    for backend in ("triton", "torch"):
+        product, inputs = _differentiable_product(op, backend, square_weight)
+        output = product(*inputs)
+        cotangent = torch.randn(output.shape, dtype=output.dtype, generator=torch.Generator().manual_seed(1))
+        grads[backend] = torch.autograd.grad(output, inputs, cotangent)
+    for name, got, expected in zip(("values", "x", "bias"), grads["triton"], grads["torch"]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")

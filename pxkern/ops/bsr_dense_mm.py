@@ -24,9 +24,14 @@ Backends (:func:`pxkern.backend.choose_backend`, ``backend=`` or ``PXKERN_BACKEN
 * ``"torch"``: W made dense and multiplied with ``torch.mm``/``F.linear``, float32 and
   float64.
 
-Forward only: no autograd formula is registered, use them under ``torch.no_grad()``.
+Autograd: the ops of every backend are differentiable in ``values``, ``x`` and ``bias``.
+The input gradient is the same product with ``W``'s transpose (its structure sorted once
+per backward); the gradient of the stored values is the dense product of the cotangent
+and the input gathered at the stored blocks (:func:`stored_block_products`), which costs
+one dense ``[M, K]`` temporary: a training-time path, not the inference one.
 """
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -150,6 +155,22 @@ def _check_square_weight(op: str, square_weight: bool) -> None:
         raise TypeError(f"{op}: square_weight must be a bool, got {type(square_weight).__name__}")
 
 
+def stored_block_products(
+    row_offsets: Tensor, column_indices: Tensor, shape: Sequence[int], block: Sequence[int],
+    left: Tensor, right: Tensor,
+) -> Tensor:
+    """``G = left^T @ right`` (``left [R, M]``, ``right [R, K]``) at the stored blocks of a
+    BSR matrix of ``shape`` ``(M, K)``: ``[nnz_blocks, bm, bn]`` in the order of
+    ``column_indices``. Formed densely, then gathered."""
+    (m, k), (bm, bn) = shape, block
+    nnz = column_indices.numel()
+    product = (left.T @ right).reshape(m // bm, bm, k // bn, bn).transpose(1, 2)
+    block_rows = torch.repeat_interleave(
+        torch.arange(m // bm, device=left.device), row_offsets.diff().long(), output_size=nnz
+    )
+    return product[block_rows, column_indices.long()]
+
+
 def bsr_dense_mm(
     values: Tensor,
     row_offsets: Tensor,
@@ -186,6 +207,7 @@ def bsr_dense_mm(
         raise ValueError(f"{op}: x must be [K, N] with K = {k}, got {tuple(x.shape)}")
     fields = _contiguous_fields(values, row_offsets, column_indices)
     if backend == "triton":
+        _register_triton_autograd()
         from pxkern.kernels.triton.bsr_dense_mm import bsr_dense_mm_triton
 
         bias = None if bias is None else bias.contiguous()
@@ -230,6 +252,7 @@ def bsr_linear(
         raise ValueError(f"{op}: x must be [..., K] with K = {k}, got {tuple(x.shape)}")
     fields = _contiguous_fields(values, row_offsets, column_indices)
     if backend == "triton":
+        _register_triton_autograd()
         from pxkern.kernels.triton.bsr_linear import bsr_linear_triton
 
         bias = None if bias is None else bias.contiguous()
@@ -244,7 +267,76 @@ def bsr_linear(
     return F.linear(x, weight.square() if square_weight else weight, bias)
 
 
+def _transposed_fields(values: Tensor, row_offsets: Tensor, column_indices: Tensor,
+                       shape: Sequence[int]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """The BSR fields of ``W^T``."""
+    from pxkern.sparse.format import BlockSparseMatrix
+
+    t = BlockSparseMatrix(values, row_offsets, column_indices, tuple(shape)).transpose()
+    return t.values, t.row_offsets, t.column_indices, list(t.shape)
+
+
+def _value_gradient(grad_blocks: Tensor, values: Tensor, square_weight: bool) -> Tensor:
+    return 2 * values * grad_blocks if square_weight else grad_blocks
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    values, row_offsets, column_indices, shape, x, bias, square_weight = inputs
+    ctx.save_for_backward(values, row_offsets, column_indices, x)
+    ctx.shape, ctx.square_weight, ctx.has_bias = list(shape), square_weight, bias is not None
+
+
+def _bsr_dense_mm_backward(ctx, grad_y):
+    """``Y = W x + b``: ``dx = W^T dY``, ``dW = dY x^T`` at the stored blocks, ``db = sum dY``."""
+    values, row_offsets, column_indices, x = ctx.saved_tensors
+    grad_values = grad_x = grad_bias = None
+    if ctx.needs_input_grad[4]:
+        grad_x = bsr_dense_mm(*_transposed_fields(values, row_offsets, column_indices, ctx.shape),
+                              grad_y, square_weight=ctx.square_weight)
+    if ctx.needs_input_grad[0]:
+        blocks = stored_block_products(row_offsets, column_indices, ctx.shape, values.shape[1:],
+                                       grad_y.T, x.T)
+        grad_values = _value_gradient(blocks, values, ctx.square_weight)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad_y.sum(1)
+    return grad_values, None, None, None, grad_x, grad_bias, None
+
+
+def _bsr_linear_backward(ctx, grad_y):
+    """``y = x W^T + b``: ``dx = dy W``, ``dW = dy^T x`` at the stored blocks, ``db = sum dy``."""
+    values, row_offsets, column_indices, x = ctx.saved_tensors
+    grad_values = grad_x = grad_bias = None
+    if ctx.needs_input_grad[4]:
+        grad_x = bsr_linear(*_transposed_fields(values, row_offsets, column_indices, ctx.shape),
+                            grad_y, square_weight=ctx.square_weight)
+    if ctx.needs_input_grad[0]:
+        blocks = stored_block_products(row_offsets, column_indices, ctx.shape, values.shape[1:],
+                                       grad_y, x)
+        grad_values = _value_gradient(blocks, values, ctx.square_weight)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad_y.sum(0)
+    return grad_values, None, None, None, grad_x, grad_bias, None
+
+
+def register_autograd(dense_mm_op: str, linear_op: str) -> None:
+    """Gives a backend's two ops (same schema as ``pxkern::bsr_dense_mm``/``bsr_linear``)
+    their backward; the backward's products dispatch like any call of the ops."""
+    torch.library.register_autograd(dense_mm_op, _bsr_dense_mm_backward, setup_context=_setup_context)
+    torch.library.register_autograd(linear_op, _bsr_linear_backward, setup_context=_setup_context)
+
+
+@functools.cache
+def _register_triton_autograd() -> None:
+    """The Triton ops exist once their (lazily imported) modules are; then they get the
+    backward, once."""
+    import pxkern.kernels.triton.bsr_dense_mm  # noqa: F401  (defines the op)
+    import pxkern.kernels.triton.bsr_linear  # noqa: F401
+
+    register_autograd("pxkern::bsr_dense_mm_triton", "pxkern::bsr_linear_triton")
+
+
 if EXTENSION_AVAILABLE:
+    register_autograd("pxkern::bsr_dense_mm", "pxkern::bsr_linear")
 
     def _fake_checks(op: str, values: Tensor, shape: Sequence[int], x: Tensor, k_dim: int) -> None:
         torch._check(

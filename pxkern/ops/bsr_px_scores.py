@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from pxkern._extension import EXTENSION_AVAILABLE
-from pxkern.ops.bsr_dense_mm import _check_bsr, _check_x, _contiguous_fields
+from pxkern.ops.bsr_dense_mm import _check_bsr, _check_x, _contiguous_fields, stored_block_products
 
 __all__ = ["bsr_px_scores"]
 
@@ -78,12 +78,9 @@ def bsr_px_scores(
         return torch.ops.pxkern.bsr_px_scores(
             *fields, [m, k], grad_rows.contiguous(), input_rows.contiguous()
         )
-    nnz, bm, bn = values.shape
-    product = (grad_rows.T @ input_rows).reshape(m // bm, bm, k // bn, bn).transpose(1, 2)
-    block_rows = torch.repeat_interleave(
-        torch.arange(m // bm, device=values.device), row_offsets.diff().long(), output_size=nnz
-    )
-    return product[block_rows, column_indices.long()].abs() * values.square()
+    products = stored_block_products(row_offsets, column_indices, [m, k], values.shape[1:],
+                                     grad_rows, input_rows)
+    return products.abs() * values.square()
 
 
 if EXTENSION_AVAILABLE:
