@@ -128,6 +128,21 @@ def test_batch_statistics_use_the_stream_path():
     assert_scores_close(actual, expected, rel=1e-6)
 
 
+class _ShiftedInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.layer(x + 1.0)
+
+
+def test_constants_added_to_stream_values_are_refused():
+    model = _ShiftedInput()
+    with pytest.raises(UnsupportedByPlan, match="addition of a constant"):
+        build_plan(model, prunable_weights(model), set(), "torch")
+
+
 def test_shared_layers_are_refused():
     layer = nn.Linear(4, 4)
     model = nn.Sequential(layer, nn.ReLU(), layer)

@@ -396,8 +396,10 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_function":
         if node.target in _RELU_FUNCTIONS:
             return "relu"
-        if node.target in _ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
-            return "other"
+        if node.target in _ADD_FUNCTIONS and not node.kwargs and len(node.args) == 2:
+            if all(isinstance(a, fx.Node) for a in node.args):
+                return "other"
+            raise UnsupportedByPlan("an addition of a constant to a stream value")
         if node.target in _HOMOGENEOUS_FUNCTIONS:
             return "other"
         raise UnsupportedByPlan(f"function {getattr(node.target, '__name__', node.target)}")
