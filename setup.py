@@ -34,7 +34,10 @@ setup(
             name="pxkern._C",
             sources=_sources(),
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args=["-O3", "-fopenmp"],
+            # No loop-to-memset rewriting: GCC turned the zero start of every register
+            # tile into a `rep stos` on a stack copy of the accumulators (95 of them in
+            # the extension, 12% of the BSR tile's samples at block density 0.05).
+            extra_compile_args=["-O3", "-fopenmp", "-fno-tree-loop-distribute-patterns"],
             extra_link_args=["-fopenmp"],
         )
     ],
