@@ -18,6 +18,7 @@ from torch.nn.utils import prune as torch_prune
 import zoo
 from pxkern import px_scores
 from pxkern.ops.bsr_dense_mm import bsr_linear
+from pxkern.ops.bsr_px_scores import bsr_px_scores
 from pxkern.px.streams import UnsupportedActivationError
 from pxkern.testing import assert_same_topk_masks, assert_scores_close, reference_px_scores
 
@@ -219,7 +220,8 @@ class _TupleOutput(nn.Module):
 
 def test_block_pruned_linear_layers_run_block_sparse(monkeypatch):
     """Later rounds of block pruning: Linear weights keeping few 16x16 blocks run streams
-    A and B through the BSR kernel, with the scores of the dense evaluation."""
+    A and B through the BSR kernel, stream C through its squared-weight form and score
+    epilogue, with the scores of the dense evaluation."""
     import pxkern.px.streams as streams
     from pxkern._extension import EXTENSION_AVAILABLE
 
@@ -237,8 +239,24 @@ def test_block_pruned_linear_layers_run_block_sparse(monkeypatch):
         blocks[torch.randperm(count, generator=generator)[: count // 5]] = True  # 20% of the blocks
         blocks = blocks.reshape(rows // 16, cols // 16)
         masks[name] = blocks.repeat_interleave(16, 0).repeat_interleave(16, 1)
-    calls = []
-    monkeypatch.setattr(streams, "bsr_linear", lambda *args: calls.append(args[3]) or bsr_linear(*args))
+    products, scored = [], []
+
+    def spy_linear(*args, square_weight=False):
+        products.append((tuple(args[3]), square_weight))
+        return bsr_linear(*args, square_weight=square_weight)
+
+    def spy_scores(*args):
+        scored.append(tuple(args[3]))
+        return bsr_px_scores(*args)
+
+    monkeypatch.setattr(streams, "bsr_linear", spy_linear)
+    monkeypatch.setattr(streams, "bsr_px_scores", spy_scores)
     actual = px_scores(model, x, masks=masks)
-    assert sorted(map(tuple, calls)) == sorted([(96, 64), (96, 64), (32, 96), (32, 96)]), "A and B of both layers"
+    # A and B of both layers; C forward (squared) and its transposed backward.
+    assert sorted(products) == sorted(
+        [((96, 64), False)] * 2 + [((32, 96), False)] * 2
+        + [((96, 64), True), ((32, 96), True), ((64, 96), True), ((96, 32), True)]
+    )
+    assert sorted(scored) == [(32, 96), (96, 64)], "the score epilogue of both layers"
     assert_scores_close(actual, reference_px_scores(model, x, masks=masks), rel=TOLERANCE[torch.float32])
+    assert_same_topk_masks(actual, reference_px_scores(model, x, masks=masks))

@@ -121,11 +121,14 @@ def px_scores(
             # the same statistics.
             copies = 2 if bn == "batch" else 1
             ones = torch.ones((copies, *batches.sample_shape), dtype=KERNEL_DTYPE, device=device)
-            kernel = StreamState(Stream.KERNEL, Exponents())
+            # C's input requires grad so that every block-sparse layer's backward runs,
+            # also one with no dense leaf before it.
+            ones.requires_grad_()
+            kernel = StreamState(Stream.KERNEL, Exponents(), kernel_layers=parameters.kernel_layers)
             kernel_buffers = _stream_buffers(model, weights, bn, KERNEL_DTYPE)
             z2, _ = run_stream(model, kernel, ones, parameters.kernel, kernel_buffers, bn)
-    return _finished(_scores_from_kernel(z2, v, parameters.kernel_weights, weights, mask_values),
-                     block, mask_values)
+    scores = _scores_from_kernel(z2, ones, v, parameters.kernel_weights, weights, mask_values)
+    return _finished(scores, block, mask_values)
 
 
 class _CheckedBatches:
@@ -205,26 +208,33 @@ def _float32_scores(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _divided_by_largest({name: (s * scale).float() for name, s in raw.items()})
 
 
-def _scores_from_kernel(z2, v, kernel_weights, weights, masks) -> dict[str, torch.Tensor]:
+def _scores_from_kernel(z2, kernel_input, v, kernel_weights, weights, masks) -> dict[str, torch.Tensor]:
     """``S_l = |dR/dP_l| * W_l**2`` (masked), normalized so that the largest is 1.
 
     The float64 gradients are rescaled by one power of two and cast to float32 before the
     weight-sized products: their cancellations are resolved by then, and float64
     temporaries of every weight would cost more than stream C itself on VGGs.
+    Block-sparse layers (:class:`~pxkern.px.streams.BlockSparseKernelLayer`) leave their
+    float64 scores at the stored blocks instead of a gradient.
     """
     cotangent = v.direction().to(z2.dtype).expand_as(z2) / z2.shape[0]
-    leaves = [kernel_weights[w.name] for w in weights]
-    grads = torch.autograd.grad(z2, leaves, grad_outputs=cotangent, allow_unused=True)
+    dense = [w for w in weights if isinstance(kernel_weights[w.name], torch.Tensor)]
+    layers = {w.name: kernel_weights[w.name] for w in weights if w not in dense}
+    leaves = [kernel_weights[w.name] for w in dense]
+    grads = torch.autograd.grad(z2, [*leaves, kernel_input], grad_outputs=cotangent, allow_unused=True)[:-1]
     grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+    block_scores = [layer.scores for layer in layers.values() if layer.scores is not None]
     # The power of two is skipped (a weight-sized pass) when the gradients fit float32
-    # comfortably anyway.
-    exponent = _largest_exponent(grads)
+    # comfortably anyway. Block scores (|G| * W**2) bound the same range.
+    exponent = _largest_exponent([*grads, *block_scores])
     scale = math.ldexp(1.0, -exponent) if abs(exponent) > 64 else 1.0
-    scores = {}
-    for w, grad in zip(weights, grads):
+    scores = {name: (layer.dense_scores() * scale).float() if layer.scores is not None
+              else torch.zeros(layer.weight.shape, device=layer.weight.device)
+              for name, layer in layers.items()}
+    for w, grad in zip(dense, grads):
         weight = w.param.detach().float()
         score = (grad.mul_(scale) if scale != 1.0 else grad).float().abs_().mul_(weight).mul_(weight)
         if not is_all_ones(masks[w.name]):
             score.mul_(masks[w.name].float())
         scores[w.name] = score
-    return _divided_by_largest(scores)
+    return _divided_by_largest({w.name: scores[w.name] for w in weights})

@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 from pxkern.backend import choose_backend
 from pxkern.evaluation import set_mode
 from pxkern.ops.bsr_dense_mm import bsr_linear
+from pxkern.ops.bsr_px_scores import bsr_px_scores
 from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
 from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, empty_in_stream_layout, op_name
 from pxkern.sparse.format import BlockSparseMatrix, nonzero_blocks
@@ -77,6 +78,8 @@ class StreamState:
     ones_weights: set[int] = field(default_factory=set)  # ids of all-ones B weights
     # ids of pruned Linear weights of A and B -> their block-sparse form
     block_sparse: dict[int, BlockSparseMatrix] = field(default_factory=dict)
+    # ids of C's stand-in weights of those layers -> their block-sparse C layer
+    kernel_layers: dict[int, BlockSparseKernelLayer] = field(default_factory=dict)
 
 
 def _relu_arguments(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, float, bool]:
@@ -123,6 +126,45 @@ def _block_sparse_linear(weight: BlockSparseMatrix) -> Callable:
         return bsr_linear(weight.values, weight.row_offsets, weight.column_indices, list(weight.shape), x, bias)
 
     return linear
+
+
+class BlockSparseKernelLayer:
+    """Stream C of a block-pruned Linear layer, on its block-sparse float64 weight ``P``:
+    the forward squares ``P`` in the BSR kernel's registers, and the backward gives the
+    input gradient (the transposed product) and the layer's PX scores from the score
+    epilogue (``pxkern::bsr_px_scores``): no weight-sized dense tensor in either."""
+
+    def __init__(self, weight: BlockSparseMatrix) -> None:
+        self.weight = weight
+        self.scores: torch.Tensor | None = None  # |G| * P**2 at the stored blocks
+
+    def fields(self, matrix: BlockSparseMatrix) -> tuple:
+        return matrix.values, matrix.row_offsets, matrix.column_indices, list(matrix.shape)
+
+    def linear(self, x: torch.Tensor, _stand_in: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _KernelThroughBlockSparse.apply(x, bias, self)
+
+    def dense_scores(self) -> torch.Tensor:
+        """The scores as a dense ``[M, K]`` tensor (zero outside the stored blocks)."""
+        w = self.weight
+        return BlockSparseMatrix(self.scores, w.row_offsets, w.column_indices, w.shape).to_dense()
+
+
+class _KernelThroughBlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, layer: BlockSparseKernelLayer):
+        ctx.save_for_backward(x)
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        return bsr_linear(*layer.fields(layer.weight), x, bias, square_weight=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        layer = ctx.layer
+        layer.scores = bsr_px_scores(*layer.fields(layer.weight), grad, x)
+        grad_x = bsr_linear(*layer.fields(layer.weight.transpose()), grad, square_weight=True)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None
 
 
 def _block_sparse_forms(masked: torch.Tensor, mask: torch.Tensor) -> tuple[BlockSparseMatrix, ...]:
@@ -221,7 +263,8 @@ class StreamMode(TorchFunctionMode):
         gradients: a box filter for all-ones weights, the direct sparse convolution for
         pruned ones (later pruning rounds), else the op itself."""
         if self.state.stream is Stream.KERNEL:
-            return func
+            layer = self.state.kernel_layers.get(id(args[1])) if name == "linear" else None
+            return layer.linear if layer is not None else func
         if self.state.stream is Stream.PATHS and id(args[1]) in self.state.ones_weights:
             if name == "linear":
                 return _ones_weight_linear
@@ -260,9 +303,11 @@ class StreamParameters:
     gates: dict[str, torch.Tensor]
     paths: dict[str, torch.Tensor]
     kernel: dict[str, torch.Tensor]
-    kernel_weights: dict[str, torch.Tensor]  # user weight name -> the leaf C differentiates
+    # user weight name -> the leaf C differentiates, or the layer's block-sparse C layer
+    kernel_weights: dict[str, torch.Tensor | BlockSparseKernelLayer]
     ones_weights: set[int]
     block_sparse: dict[int, BlockSparseMatrix]  # see StreamState
+    kernel_layers: dict[int, BlockSparseKernelLayer]  # see StreamState
 
 
 def kept_parameter_names(model: nn.Module, keep: tuple[str, ...]) -> set[str]:
@@ -291,7 +336,7 @@ def stream_parameters(
     """Parameter substitutions of streams A, B (in ``dtype``) and C (in float64;
     see ``KERNEL_DTYPE``), px-spec.md section 2."""
     by_param = {w.param_name: w for w in weights}
-    gates, paths, kernel, kernel_weights, ones, block_sparse = {}, {}, {}, {}, set(), {}
+    gates, paths, kernel, kernel_weights, ones, block_sparse, kernel_layers = {}, {}, {}, {}, set(), {}, {}
     for name, param in model.named_parameters():
         if not param.is_floating_point():
             continue
@@ -306,9 +351,15 @@ def stream_parameters(
             paths[name] = masked if is_kept else mask
             if unmasked and not is_kept:
                 ones.add(id(mask))
-            if not unmasked and not is_kept and _runs_block_sparse(prunable):
-                for substituted, sparse in zip((masked, mask), _block_sparse_forms(masked, mask)):
-                    block_sparse[id(substituted)] = sparse
+            forms = _block_sparse_forms(masked, mask) if not unmasked and not is_kept and _runs_block_sparse(prunable) else ()
+            if forms:
+                block_sparse[id(masked)], block_sparse[id(mask)] = forms
+                # C gets a stand-in (no memory) that routes the layer to its BSR form.
+                stand_in = torch.zeros((), dtype=KERNEL_DTYPE, device=p.device).expand(p.shape)
+                layer = BlockSparseKernelLayer(forms[0].to(KERNEL_DTYPE))
+                kernel[name], kernel_weights[prunable.name] = stand_in, layer
+                kernel_layers[id(stand_in)] = layer
+                continue
             # C's copy (fresh: squared in place) from the masked weight in the parameter's
             # own precision; the products with a 0/1 mask are exact.
             exact = masked if p.dtype == param.dtype else param.detach() * mask.to(param.dtype)
@@ -323,7 +374,7 @@ def stream_parameters(
             gates[name] = p
             paths[name] = torch.ones((), dtype=dtype, device=p.device).expand(p.shape)
             kernel[name] = param.detach().to(KERNEL_DTYPE, copy=True).square_()
-    return StreamParameters(gates, paths, kernel, kernel_weights, ones, block_sparse)
+    return StreamParameters(gates, paths, kernel, kernel_weights, ones, block_sparse, kernel_layers)
 
 
 def _runs_block_sparse(weight: PrunableWeight) -> bool:
