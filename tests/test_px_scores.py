@@ -260,3 +260,6 @@ def test_block_pruned_linear_layers_run_block_sparse(monkeypatch):
     assert sorted(scored) == [(32, 96), (96, 64)], "the score epilogue of both layers"
     assert_scores_close(actual, reference_px_scores(model, x, masks=masks), rel=TOLERANCE[torch.float32])
     assert_same_topk_masks(actual, reference_px_scores(model, x, masks=masks))
+    # A layer pruned whole has no blocks: zero scores, and the layers before it too.
+    masks["2.weight"] = torch.zeros_like(masks["2.weight"])
+    assert_scores_close(px_scores(model, x, masks=masks), reference_px_scores(model, x, masks=masks))

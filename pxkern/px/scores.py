@@ -196,7 +196,8 @@ def _stream_buffers(model: nn.Module, weights, bn: str, dtype: torch.dtype) -> d
 def _largest_exponent(tensors: Iterable[torch.Tensor]) -> int:
     """The exponent ``e`` of the largest magnitude among ``tensors`` (in ``[2**(e-1),
     2**e)``): multiplying by ``2**-e`` brings it to 1 before a float32 cast."""
-    largest = max(float(max(-low, high)) for low, high in map(torch.aminmax, tensors))
+    largest = max((float(max(-low, high)) for low, high in map(torch.aminmax, filter(torch.numel, tensors))),
+                  default=0.0)
     if not math.isfinite(largest):
         raise FloatingPointError("PX gradients are not finite; please report this model")
     return math.frexp(largest)[1] if largest > 0 else 0
