@@ -222,3 +222,22 @@ def test_px_prunes_to_the_density():
     total = sum(m.numel() for m in masks.values())
     assert count(masks) <= total - int(0.9 * total)
     assert count(masks) >= 0.9 * (total - int(0.9 * total))
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.5, 0.95, 1.0])
+@pytest.mark.parametrize("negatives", [False, True])
+@pytest.mark.parametrize("density", [0.9, 0.3, 0.04, 0.001])
+def test_global_threshold_is_the_kth_smallest(zero_fraction, negatives, density):
+    """The threshold equals the k-th smallest of a full sort, whichever subset the
+    selection runs on (many zeros, negative scores, k inside or past the zeros)."""
+    from pxkern.pruning.threshold import global_threshold
+
+    generator = torch.Generator().manual_seed(0)
+    scores = {name: torch.rand(shape, generator=generator) for name, shape in (("a", (50, 40)), ("b", (3000,)))}
+    for s in scores.values():
+        s[torch.rand(s.shape, generator=generator) < zero_fraction] = 0
+        if negatives:
+            s[torch.rand(s.shape, generator=generator) < 0.1] *= -1
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    k = int((1 - density) * flat.numel())
+    assert global_threshold(scores, density) == flat.sort().values[k - 1].item()
