@@ -32,7 +32,7 @@ one dense ``[M, K]`` temporary: a training-time path, not the inference one.
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -276,46 +276,39 @@ def _transposed_fields(values: Tensor, row_offsets: Tensor, column_indices: Tens
     return t.values, t.row_offsets, t.column_indices, list(t.shape)
 
 
-def _value_gradient(grad_blocks: Tensor, values: Tensor, square_weight: bool) -> Tensor:
-    return 2 * values * grad_blocks if square_weight else grad_blocks
-
-
 def _setup_context(ctx, inputs, output) -> None:
     values, row_offsets, column_indices, shape, x, bias, square_weight = inputs
     ctx.save_for_backward(values, row_offsets, column_indices, x)
     ctx.shape, ctx.square_weight, ctx.has_bias = list(shape), square_weight, bias is not None
 
 
-def _bsr_dense_mm_backward(ctx, grad_y):
-    """``Y = W x + b``: ``dx = W^T dY``, ``dW = dY x^T`` at the stored blocks, ``db = sum dY``."""
-    values, row_offsets, column_indices, x = ctx.saved_tensors
-    grad_values = grad_x = grad_bias = None
-    if ctx.needs_input_grad[4]:
-        grad_x = bsr_dense_mm(*_transposed_fields(values, row_offsets, column_indices, ctx.shape),
-                              grad_y, square_weight=ctx.square_weight)
-    if ctx.needs_input_grad[0]:
-        blocks = stored_block_products(row_offsets, column_indices, ctx.shape, values.shape[1:],
-                                       grad_y.T, x.T)
-        grad_values = _value_gradient(blocks, values, ctx.square_weight)
-    if ctx.has_bias and ctx.needs_input_grad[5]:
-        grad_bias = grad_y.sum(1)
-    return grad_values, None, None, None, grad_x, grad_bias, None
+def _backward(product: Callable, as_rows: Callable, bias_dim: int) -> Callable:
+    """The backward of one of the two products: ``product`` (the op itself) runs the
+    transposed weight for the input gradient; ``as_rows`` turns the cotangent and the
+    input into ``[rows, M]`` / ``[rows, K]`` for the stored-block value gradient; the bias
+    gradient sums the cotangent over ``bias_dim``."""
+
+    def backward(ctx, grad_y):
+        values, row_offsets, column_indices, x = ctx.saved_tensors
+        grad_values = grad_x = grad_bias = None
+        if ctx.needs_input_grad[4]:
+            transposed = _transposed_fields(values, row_offsets, column_indices, ctx.shape)
+            grad_x = product(*transposed, grad_y, square_weight=ctx.square_weight)
+        if ctx.needs_input_grad[0]:
+            blocks = stored_block_products(row_offsets, column_indices, ctx.shape, values.shape[1:],
+                                           as_rows(grad_y), as_rows(x))
+            grad_values = 2 * values * blocks if ctx.square_weight else blocks
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = grad_y.sum(bias_dim)
+        return grad_values, None, None, None, grad_x, grad_bias, None
+
+    return backward
 
 
-def _bsr_linear_backward(ctx, grad_y):
-    """``y = x W^T + b``: ``dx = dy W``, ``dW = dy^T x`` at the stored blocks, ``db = sum dy``."""
-    values, row_offsets, column_indices, x = ctx.saved_tensors
-    grad_values = grad_x = grad_bias = None
-    if ctx.needs_input_grad[4]:
-        grad_x = bsr_linear(*_transposed_fields(values, row_offsets, column_indices, ctx.shape),
-                            grad_y, square_weight=ctx.square_weight)
-    if ctx.needs_input_grad[0]:
-        blocks = stored_block_products(row_offsets, column_indices, ctx.shape, values.shape[1:],
-                                       grad_y, x)
-        grad_values = _value_gradient(blocks, values, ctx.square_weight)
-    if ctx.has_bias and ctx.needs_input_grad[5]:
-        grad_bias = grad_y.sum(0)
-    return grad_values, None, None, None, grad_x, grad_bias, None
+# Y = W x + b: dx = W^T dY, dW = dY x^T at the stored blocks, db = dY summed over columns.
+_bsr_dense_mm_backward = _backward(bsr_dense_mm, lambda t: t.T, bias_dim=1)
+# y = x W^T + b: dx = dy W, dW = dy^T x at the stored blocks, db = dy summed over rows.
+_bsr_linear_backward = _backward(bsr_linear, lambda t: t, bias_dim=0)
 
 
 def register_autograd(dense_mm_op: str, linear_op: str) -> None:
