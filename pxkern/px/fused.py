@@ -478,7 +478,8 @@ def build_plan(
         relu = follower is not None and _classify(follower, modules) == "relu"
         if relu:
             members.append(follower)
-        ops = (px_conv2d_forward, px_conv2d_backward) if isinstance(module, nn.Conv2d) else (px_linear_forward, px_linear_backward)
+        conv = isinstance(module, nn.Conv2d)
+        ops = (px_conv2d_forward, px_conv2d_backward) if conv else (px_linear_forward, px_linear_backward)
         groups[members[-1]] = LayerGroup(by_module[node.target], module, node.args[0], norm, relu, ops)
         absorbed.update(members)
     return FusedPlan(traced.graph, modules, groups, absorbed, kept, backend)

@@ -119,11 +119,16 @@ def _ones_weight_linear(x, weight, bias=None):
     return y + bias if bias is not None else y
 
 
+def _fields(matrix: BlockSparseMatrix) -> tuple:
+    """The arguments the BSR ops take for ``matrix``."""
+    return matrix.values, matrix.row_offsets, matrix.column_indices, list(matrix.shape)
+
+
 def _block_sparse_linear(weight: BlockSparseMatrix) -> Callable:
     """``F.linear`` with the weight's block-sparse form (the C++ BSR kernel)."""
 
     def linear(x, _dense_weight, bias=None):
-        return bsr_linear(weight.values, weight.row_offsets, weight.column_indices, list(weight.shape), x, bias)
+        return bsr_linear(*_fields(weight), x, bias)
 
     return linear
 
@@ -137,9 +142,6 @@ class BlockSparseKernelLayer:
     def __init__(self, weight: BlockSparseMatrix) -> None:
         self.weight = weight
         self.scores: torch.Tensor | None = None  # |G| * P**2 at the stored blocks
-
-    def fields(self, matrix: BlockSparseMatrix) -> tuple:
-        return matrix.values, matrix.row_offsets, matrix.column_indices, list(matrix.shape)
 
     def linear(self, x: torch.Tensor, _stand_in: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return _KernelThroughBlockSparse.apply(x, bias, self)
@@ -155,15 +157,17 @@ class _KernelThroughBlockSparse(torch.autograd.Function):
     def forward(ctx, x, bias, layer: BlockSparseKernelLayer):
         ctx.save_for_backward(x)
         ctx.layer, ctx.has_bias = layer, bias is not None
-        return bsr_linear(*layer.fields(layer.weight), x, bias, square_weight=True)
+        return bsr_linear(*_fields(layer.weight), x, bias, square_weight=True)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         layer = ctx.layer
-        layer.scores = bsr_px_scores(*layer.fields(layer.weight), grad, x)
-        grad_x = bsr_linear(*layer.fields(layer.weight.transpose()), grad, square_weight=True)
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        layer.scores = bsr_px_scores(*_fields(layer.weight), grad, x)
+        grad_x = bsr_linear(*_fields(layer.weight.transpose()), grad, square_weight=True)
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, grad_bias, None
 
 
@@ -351,7 +355,8 @@ def stream_parameters(
             paths[name] = masked if is_kept else mask
             if unmasked and not is_kept:
                 ones.add(id(mask))
-            forms = _block_sparse_forms(masked, mask) if not unmasked and not is_kept and _runs_block_sparse(prunable) else ()
+            runs_sparse = not unmasked and not is_kept and _runs_block_sparse(prunable)
+            forms = _block_sparse_forms(masked, mask) if runs_sparse else ()
             if forms:
                 block_sparse[id(masked)], block_sparse[id(mask)] = forms
                 # C gets a stand-in (no memory) that routes the layer to its BSR form.
