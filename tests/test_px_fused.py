@@ -75,8 +75,17 @@ def small_mlp() -> tuple[nn.Module, torch.Tensor]:
     return zoo.randomize_norms(model.eval()), torch.randn(5, 7)
 
 
+def token_mlp() -> tuple[nn.Module, torch.Tensor]:
+    """Linear layers on ``[batch, tokens, features]``: C's one sample gives 3 rows, and a
+    BatchNorm1d after a Linear normalizes the token axis (dimension 1), not the features."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(15, 3))
+    return zoo.randomize_norms(model.eval()), torch.randn(4, 3, 6)
+
+
 @pytest.mark.parametrize("density", [None, 0.5])
-@pytest.mark.parametrize("factory", [small_cnn, small_mlp])
+@pytest.mark.parametrize("factory", [small_cnn, small_mlp, token_mlp])
 def test_triton_px_scores_equal_the_stream_path(factory, density):
     model, x = factory()
     masks = zoo.random_masks(model, density) if density else None

@@ -196,12 +196,43 @@ class FusedPlan:
                 else torch.zeros(w.shape, dtype=torch.float64, device=w.param.device) for w in weights}
 
     def _run_group(self, group: LayerGroup, t: StreamValues, masks) -> StreamValues:
+        if isinstance(group.module, nn.Linear) and t.a.dim() != 2:
+            return self._run_linear_on_rows(group, t, masks)
+        return self._run_layer(group, t, masks)
+
+    def _run_linear_on_rows(self, group: LayerGroup, t: StreamValues, masks) -> StreamValues:
+        """A Linear layer on ``[..., features]`` values: the op sees the rows (C's one
+        sample gives R rows, e.g. its tokens). A BatchNorm after it normalizes dimension 1,
+        not the features, so it runs separately, and the ReLU after it."""
+        lead, features = t.a.shape[:-1], t.a.shape[-1]
+
+        def rows(v):
+            return None if v is None else v.reshape(-1, features)
+
+        flat = StreamValues(rows(t.a), rows(t.b), t.b_exponent, rows(t.c), t.c_exponent, t.b_peak, t.c_peak)
+        out = self._run_layer(group, flat, masks, epilogue=group.norm is None)
+        outputs = group.module.out_features
+
+        def unrows(v, sample_lead):
+            return None if v is None else v.reshape(*sample_lead, outputs)
+
+        out = StreamValues(unrows(out.a, lead), unrows(out.b, lead), out.b_exponent,
+                           unrows(out.c, (1, *lead[1:])), out.c_exponent, out.b_peak, out.c_peak)
+        if group.norm is not None:
+            out = _norm_streams(group.norm, out)
+            if group.relu:
+                out = _relu_streams(out)
+        return out
+
+    def _run_layer(self, group: LayerGroup, t: StreamValues, masks, epilogue: bool = True) -> StreamValues:
+        """The group's fused op call; without ``epilogue`` the layer alone (its
+        BatchNorm and ReLU are then the caller's)."""
         module, weight = group.module, group.weight
         mask = masks[weight.name]
         mask = None if is_all_ones(mask) else mask.to(torch.bool)
         w = weight.param.detach()
         bias = module.bias.detach() if module.bias is not None else None
-        scale, shift = group.affine(w.dtype)
+        scale, shift = group.affine(w.dtype) if epilogue else (None, None)
         sb = _normalizing_shift(t.b, t.b_peak)
         b_exponent = t.b_exponent + sb
         h = t.c if t.c is not None else _ones_like_sample(t.a, torch.float64)
@@ -211,7 +242,7 @@ class FusedPlan:
         forward, backward = group.ops
         with torch.no_grad():
             a, b, c, b_amax, c_amax = forward(
-                t.a, t.b, h.detach(), w, mask, bias, scale, shift, relu=group.relu,
+                t.a, t.b, h.detach(), w, mask, bias, scale, shift, relu=group.relu and epilogue,
                 u_scale=math.ldexp(1.0, -sb), u_offset_scale=math.ldexp(1.0, -b_exponent),
                 h_scale=math.ldexp(1.0, -sc), h_offset_scale=math.ldexp(1.0, -c_exponent),
                 **geometry, backend=self.backend,
