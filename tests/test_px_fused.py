@@ -152,6 +152,23 @@ def test_constants_added_to_stream_values_are_refused():
         build_plan(model, prunable_weights(model), set(), "torch")
 
 
+class _TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.layer(x)
+        return y, y
+
+
+def test_models_returning_several_tensors_are_an_error_as_on_the_stream_path():
+    model = _TwoOutputs()
+    for backend in ("triton", "torch"):
+        with pytest.raises(TypeError, match="returned a tuple"):
+            px_scores(model, torch.randn(2, 4), backend=backend)
+
+
 def test_shared_layers_are_refused():
     layer = nn.Linear(4, 4)
     model = nn.Sequential(layer, nn.ReLU(), layer)

@@ -157,7 +157,13 @@ class FusedPlan:
         env: dict[fx.Node, Any] = {}
         for node in self.graph.nodes:
             if node.op == "output":
-                return _resolve(node.args[0], env), env
+                output = _resolve(node.args[0], env)
+                if not isinstance(output, StreamValues):
+                    raise TypeError(
+                        f"the model returned a {type(output).__name__}: PX scoring needs a model "
+                        f"whose forward returns one tensor"
+                    )
+                return output, env
             if node in self.absorbed and node not in self.groups:
                 continue
             if node.op == "placeholder":
