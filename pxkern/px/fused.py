@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from pxkern.px.scaled import ScaledSum, magnitude_exponent
+from pxkern.px.scaled import ScaledSum, folded_batch_norm, magnitude_exponent
 from pxkern.weights import PrunableWeight, is_all_ones
 
 __all__ = ["FusedPlan", "build_plan"]
@@ -111,13 +111,12 @@ class LayerGroup:
 
 
 def _folded_norm(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight.detach().to(dtype)
-    shift = -norm.running_mean.to(dtype) * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.detach().to(dtype)
-    return scale, shift
+    """``norm``'s eval ``(scale, shift)`` in ``dtype``."""
+    def cast(t):
+        return None if t is None else t.detach().to(dtype)
+
+    return folded_batch_norm(cast(norm.running_mean), cast(norm.running_var), cast(norm.weight),
+                             cast(norm.bias), norm.eps)
 
 
 class _KernelThroughLayer(torch.autograd.Function):

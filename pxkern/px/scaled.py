@@ -239,16 +239,22 @@ class _Signature:
 _BATCH_NORM = _Signature(F.batch_norm)
 
 
-def _channel_broadcast_batch_norm(input, running_mean, running_var, weight, bias, eps, **_) -> torch.Tensor:
-    """Eval BatchNorm of an input that is the same in every channel (stride 0, as the
-    all-ones weights of stream B make it): one broadcast ``scale * x + shift`` that reads
-    the single channel, where BatchNorm's kernel would walk the expanded layout."""
+def folded_batch_norm(running_mean, running_var, weight, bias, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval BatchNorm as one per-channel ``(scale, shift)``: ``x * scale + shift``."""
     scale = torch.rsqrt(running_var + eps)
     if weight is not None:
         scale = scale * weight
     shift = -running_mean * scale
     if bias is not None:
         shift = shift + bias
+    return scale, shift
+
+
+def _channel_broadcast_batch_norm(input, running_mean, running_var, weight, bias, eps, **_) -> torch.Tensor:
+    """Eval BatchNorm of an input that is the same in every channel (stride 0, as the
+    all-ones weights of stream B make it): one broadcast ``scale * x + shift`` that reads
+    the single channel, where BatchNorm's kernel would walk the expanded layout."""
+    scale, shift = folded_batch_norm(running_mean, running_var, weight, bias, eps)
     shape = (1, -1, *[1] * (input.dim() - 2))
     out = empty_in_stream_layout(input)
     return torch.addcmul(shift.reshape(shape), input[:, :1], scale.reshape(shape), out=out)
