@@ -30,8 +30,8 @@ from pxkern.ops.bsr_dense_mm import bsr_linear
 from pxkern.ops.bsr_px_scores import bsr_px_scores
 from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
 from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, empty_in_stream_layout, op_name
-from pxkern.sparse.format import BlockSparseMatrix, nonzero_blocks
-from pxkern.sparse.sparsify import UNMEASURED_MAX_BLOCK_DENSITY, choose_block
+from pxkern.sparse.format import BlockSparseMatrix
+from pxkern.sparse.sparsify import UNMEASURED_MAX_BLOCK_DENSITY, choose_blocks
 from pxkern.weights import PrunableWeight, is_all_ones
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -175,10 +175,10 @@ def _block_sparse_forms(masked: torch.Tensor, mask: torch.Tensor) -> tuple[Block
     """A pruned Linear weight (``masked``) and its mask as block-sparse matrices with the
     blocks of the mask, if a block size fits the mask's sparsity and keeps few enough
     blocks for the BSR product to beat the dense one; else ``()``."""
-    block = choose_block(mask, None)
-    if block is None:
+    choice = choose_blocks(mask, None)
+    if choice is None:
         return ()
-    kept = nonzero_blocks(mask, block)
+    block, kept = choice
     if float(kept.float().mean()) > UNMEASURED_MAX_BLOCK_DENSITY:
         return ()
     return tuple(BlockSparseMatrix.from_block_mask(m, block, kept) for m in (masked, mask))

@@ -52,12 +52,17 @@ def _divides(block: tuple[int, int], matrix: torch.Tensor) -> bool:
     return matrix.shape[0] % block[0] == 0 and matrix.shape[1] % block[1] == 0
 
 
-def choose_block(matrix: torch.Tensor, block: tuple[int, int] | None) -> tuple[int, int] | None:
-    """The block size to store ``matrix`` with: ``block`` if it divides the matrix, else
-    (``block=None``) the largest of :data:`CANDIDATE_BLOCKS` that divides it and whose
-    block density stays within :data:`BLOCK_FILL_SLACK` of its density; None if none fits."""
+def choose_blocks(
+    matrix: torch.Tensor, block: tuple[int, int] | None
+) -> tuple[tuple[int, int], torch.Tensor] | None:
+    """The block size to store ``matrix`` with, and which of its blocks hold a nonzero
+    (:func:`~pxkern.sparse.format.nonzero_blocks`): ``block`` if it divides the matrix,
+    else (``block=None``) the largest of :data:`CANDIDATE_BLOCKS` that divides it and
+    whose block density stays within :data:`BLOCK_FILL_SLACK` of its density; None if
+    none fits."""
     if block is not None:
-        return tuple(block) if _divides(block, matrix) else None
+        block = tuple(block)
+        return (block, nonzero_blocks(matrix, block)) if _divides(block, matrix) else None
     finest = CANDIDATE_BLOCKS[-1]
     if not _divides(finest, matrix):
         return None
@@ -67,15 +72,15 @@ def choose_block(matrix: torch.Tensor, block: tuple[int, int] | None) -> tuple[i
     fine = nonzero_blocks(matrix, finest).float()
     for candidate in CANDIDATE_BLOCKS:
         if _divides(candidate, matrix):
-            coarse = nonzero_blocks(fine, (candidate[0] // finest[0], candidate[1] // finest[1]))
-            if float(coarse.float().mean()) <= BLOCK_FILL_SLACK * density + 1e-12:
-                return candidate
+            kept = nonzero_blocks(fine, (candidate[0] // finest[0], candidate[1] // finest[1]))
+            if float(kept.float().mean()) <= BLOCK_FILL_SLACK * density + 1e-12:
+                return candidate, kept
     return None
 
 
-def _sparse_module(module: nn.Module, block: tuple[int, int]) -> nn.Module:
+def _sparse_module(module: nn.Module, block: tuple[int, int], kept: torch.Tensor) -> nn.Module:
     if isinstance(module, nn.Linear):
-        return BlockSparseLinear(BlockSparseMatrix.from_dense(_matrix(module), block), module.bias)
+        return BlockSparseLinear(BlockSparseMatrix.from_block_mask(_matrix(module), block, kept), module.bias)
     return BlockSparseConv2d.from_conv2d(module, block)
 
 
@@ -138,14 +143,15 @@ def sparsify(
     decisions = []
     for name, module in list(_pruned_layers(model)):
         matrix = _matrix(module)
-        chosen = choose_block(matrix, block)
-        if chosen is None:
+        choice = choose_blocks(matrix, block)
+        if choice is None:
             decisions.append(LayerDecision(name, "dense", None, None, "no block size divides the weight matrix or fits its sparsity"))
             continue
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
             decisions.append(LayerDecision(name, "dense", None, None, "grouped or non-zero-padded convolution"))
             continue
-        sparse = _sparse_module(module, chosen)
+        chosen, kept = choice
+        sparse = _sparse_module(module, chosen, kept)
         block_density = sparse.weight.density
         if format == "dense":
             keep_sparse, reason = False, "format='dense'"
