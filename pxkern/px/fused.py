@@ -86,13 +86,6 @@ def _normalizing_shift(mantissa: torch.Tensor, peak: int | None) -> int:
     return 0 if peak is None else peak
 
 
-def _peak(amax: torch.Tensor) -> int | None:
-    value = float(amax)
-    if not math.isfinite(value):
-        raise FloatingPointError("a PX stream value is not finite in the fused plan")
-    return None if value == 0 else math.frexp(value)[1]
-
-
 @dataclass
 class LayerGroup:
     """A Linear/Conv2d layer, with the eval BatchNorm and ReLU it feeds if any."""
@@ -240,7 +233,7 @@ class FusedPlan:
         scale, shift = group.affine(w.dtype) if epilogue else (None, None)
         sb = _normalizing_shift(t.b, t.b_peak)
         b_exponent = t.b_exponent + sb
-        h = t.c if t.c is not None else _ones_like_sample(t.a, torch.float64)
+        h = t.c if t.c is not None else _kernel_input(t.a)
         sc = _normalizing_shift(h, t.c_peak) if t.c is not None else 1
         c_exponent = t.c_exponent + sc
         geometry = _geometry(module)
@@ -253,7 +246,7 @@ class FusedPlan:
                 **geometry, backend=self.backend,
             )
         if t.c is None:
-            return StreamValues(a, b, b_exponent, None, 0, _peak(b_amax))
+            return StreamValues(a, b, b_exponent, None, 0, magnitude_exponent(b_amax))
         # The op's backward multiplies the cotangent by `scale`: the BatchNorm's and the
         # input normalization's factors both sit between C's input and the weight.
         kernel_scale = scale.double() * math.ldexp(1.0, -sc) if scale is not None else None
@@ -264,11 +257,12 @@ class FusedPlan:
             return backward(grad, h_saved, w, mask, grad_scale, **geometry, backend=self.backend)
 
         c = _KernelThroughLayer.apply(h, c, layer_backward, group, kernel_scale)
-        return StreamValues(a, b, b_exponent, c, c_exponent, _peak(b_amax), _peak(c_amax))
+        return StreamValues(a, b, b_exponent, c, c_exponent, magnitude_exponent(b_amax), magnitude_exponent(c_amax))
 
 
-def _ones_like_sample(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.ones((1, *a.shape[1:]), dtype=dtype, device=a.device)
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """Stream C's input: one all-ones sample shaped like a sample of ``x``, in float64."""
+    return torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device)
 
 
 def _input_streams(x: torch.Tensor, with_kernel: bool) -> StreamValues:
@@ -276,7 +270,7 @@ def _input_streams(x: torch.Tensor, with_kernel: bool) -> StreamValues:
     requires grad so that autograd records the fused layers' backward from the first."""
     c = None
     if with_kernel:
-        c = torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device).requires_grad_()
+        c = _kernel_input(x).requires_grad_()
     return StreamValues(x, x * x, 0, c, 0)
 
 
