@@ -35,7 +35,8 @@
 // rows: x rows n s bytes apart (power-of-two n) fall into a few L1 sets and evict each
 // other between the row tiles; packed rows are W s bytes apart.
 // OpenMP (dynamic) over block rows, each region split along N (mm) or B (linear) when
-// there are fewer than 4 block rows per thread. No allocation in the hot loop.
+// there are fewer than 4 block rows per thread. No allocation in the hot loop: the packed
+// x and bsr_linear's transposed blocks live in a per-thread workspace kept across calls.
 // AVX2+FMA path chosen at run time (see ../isa.h); a portable path with the same loops
 // otherwise, or when PXKERN_CPU_ISA=portable.
 //
@@ -51,7 +52,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -97,11 +100,35 @@ inline std::string check_structure(const int32_t* row_offsets, const int32_t* co
 // vectors (24 floats, 12 doubles), for both ISA paths.
 constexpr int64_t kMaxVectors = 3;
 // bsr_dense_mm packs x only if its panels are used by this many block rows on average:
-// packing costs a copy of x, conflict misses cost about that per use (crossover between
-// block densities 0.02 and 0.05 for 2048 x 2048 W, 32 x 32 blocks, N = 256).
-constexpr int64_t kMinPanelReuse = 3;
+// packing costs a pass over x, conflict misses cost a fraction of that per use (crossover
+// between block densities 0.1 and 0.2 for 2048 x 2048 W, 32 x 32 blocks, N = 256, where
+// the average use is 6.4 and 12.8).
+constexpr int64_t kMinPanelReuse = 8;
 template <typename T>
 constexpr int64_t kPackedCols = kMaxVectors * 32 / static_cast<int64_t>(sizeof(T));
+
+// Scratch memory of the calling thread for one use (Use tells the uses apart): at least
+// `size` elements, aligned to a cache line so that vector loads from it never straddle two
+// lines (std::vector and new[] align to 16 bytes only). It is kept and reused by the
+// thread's later calls, grown when too small: a fresh multi-megabyte buffer per call comes
+// from mmap, and its first-touch page faults cost as much as a low-density product.
+enum class Use { kPackedX, kTransposedValues };
+
+template <typename T, Use U>
+T* workspace(int64_t size) {
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<T, Free> buffer;
+  thread_local int64_t capacity = 0;
+  if (size > capacity) {
+    buffer.reset();
+    buffer.reset(static_cast<T*>(std::aligned_alloc(64, (size * sizeof(T) + 63) / 64 * 64)));
+    if (buffer == nullptr) throw std::bad_alloc();
+    capacity = size;
+  }
+  return buffer.get();
+}
 
 // Which operand of a Problem holds W and is squared in registers (square_weight): none, the
 // broadcast operand A (bsr_dense_mm) or the vector operand B (bsr_linear).
@@ -332,8 +359,13 @@ void region(const Problem<T>& pr, bool avx2, int64_t i, int64_t r_lo, int64_t r_
   const int64_t units_per_block = packed > 0 ? 1 : max_block_cols / lanes;
   const int64_t col_blocks = (units + units_per_block - 1) / units_per_block;
   const int64_t p_begin = pr.row_offsets[i], p_end = pr.row_offsets[i + 1];
-  const int64_t chunk = blocks_per_chunk(pr.depth, std::min(kRowGroup, r_hi - r_lo),
-                                         max_block_cols, sizeof(T));
+  // The row's blocks in chunks of at most blocks_per_chunk, balanced (4 blocks with at
+  // most 3 per chunk give 2 + 2, not 3 + 1: a one-block chunk runs its tiles at two thirds
+  // of the speed of a three-block one).
+  const int64_t max_chunk = blocks_per_chunk(pr.depth, std::min(kRowGroup, r_hi - r_lo),
+                                             max_block_cols, sizeof(T));
+  const int64_t chunks = std::max<int64_t>(1, (p_end - p_begin + max_chunk - 1) / max_chunk);
+  const int64_t chunk = std::max<int64_t>(1, (p_end - p_begin + chunks - 1) / chunks);
   Tile<T> t;
   t.d = pr.d + i * pr.d_block;
   const T* bias = pr.bias != nullptr ? pr.bias + i * pr.bias_block : nullptr;
@@ -422,6 +454,31 @@ void multiply(const Problem<T>& pr, bool square_weight, Square weight, Isa isa,
   }
 }
 
+// Row q of x [k, n] into row q of every panel of packed [panels, k, kPackedCols<T>], the
+// columns past n zero. Inline vector copies: a memmove call per 24-float panel row cost
+// more than the copy itself.
+template <typename T>
+void pack_row_portable(const T* row, int64_t n, int64_t k, T* packed) {
+  constexpr int64_t W = kPackedCols<T>;
+  for (int64_t c0 = 0; c0 < n; c0 += W, packed += k * W)
+    for (int64_t c = 0; c < W; ++c) packed[c] = c0 + c < n ? row[c0 + c] : T(0);
+}
+
+#if PXKERN_HAVE_AVX2_PATH
+template <typename T>
+PXKERN_AVX2_FN void pack_row_avx2(const T* row, int64_t n, int64_t k, T* packed) {
+  using S = Avx2<T>;
+  constexpr int64_t L = S::kLanes, W = kPackedCols<T>;
+  for (int64_t c0 = 0; c0 < n; c0 += W, packed += k * W)
+    for (int64_t c = c0; c < c0 + W; c += L) {
+      const int64_t left = n - c;
+      S::store(packed + c - c0, left >= L  ? S::load(row + c)
+                                : left > 0 ? S::maskload(row + c, S::first_lanes(left))
+                                           : S::zero());
+    }
+}
+#endif
+
 // y [m, n] = W x + bias[:, None] for W [m, k] in BSR form (bm x bn blocks) and x [k, n];
 // W∘W instead of W if square_weight. bias may be nullptr. The structure must pass
 // check_structure. num_threads <= 0 uses the OpenMP default.
@@ -445,17 +502,21 @@ void bsr_dense_mm(const T* values, const int32_t* row_offsets, const int32_t* co
   // n maps the rows of an x panel to a few L1 sets and evicts them between row tiles.
   constexpr int64_t W = kPackedCols<T>;
   const int64_t panels = (n + W - 1) / W;
-  std::unique_ptr<T[]> packed(new T[panels * k * W]);
+  T* packed = workspace<T, Use::kPackedX>(panels * k * W);
+#if PXKERN_HAVE_AVX2_PATH
+  const bool avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
+#endif
 #pragma omp parallel for num_threads(resolve_threads(num_threads)) if (k * n > 32768)
   for (int64_t q = 0; q < k; ++q) {
-    for (int64_t j = 0; j < panels; ++j) {
-      const int64_t width = std::min(W, n - j * W);
-      T* dst = packed.get() + (j * k + q) * W;
-      std::copy(x + q * n + j * W, x + q * n + j * W + width, dst);
-      std::fill(dst + width, dst + W, T(0));
+#if PXKERN_HAVE_AVX2_PATH
+    if (avx2) {
+      pack_row_avx2(x + q * n, n, k, packed + q * W);
+      continue;
     }
+#endif
+    pack_row_portable(x + q * n, n, k, packed + q * W);
   }
-  pr.b = packed.get();
+  pr.b = packed;
   pr.b_col = bn * W;
   pr.b_row = W;
   pr.b_packed_cols = W;
@@ -472,16 +533,16 @@ void bsr_linear(const T* values, const int32_t* row_offsets, const int32_t* colu
   if (batch == 0 || m == 0) return;
   const int64_t nnz_blocks = row_offsets[m / bm];
   // B_p is block p transposed, so that the vector operand runs along output columns.
-  std::vector<T> transposed(nnz_blocks * bm * bn);
+  T* transposed = workspace<T, Use::kTransposedValues>(nnz_blocks * bm * bn);
 #pragma omp parallel for num_threads(resolve_threads(num_threads)) if (nnz_blocks > 1)
   for (int64_t p = 0; p < nnz_blocks; ++p) {
     const T* src = values + p * bm * bn;
-    T* dst = transposed.data() + p * bm * bn;
+    T* dst = transposed + p * bm * bn;
     for (int64_t r = 0; r < bm; ++r)
       for (int64_t c = 0; c < bn; ++c) dst[c * bm + r] = src[r * bn + c];
   }
   Problem<T> pr{x, 0, bn, k,
-                transposed.data(), bn * bm, 0, bm, 0, 0,
+                transposed, bn * bm, 0, bm, 0, 0,
                 bn, row_offsets, column_indices, m / bm,
                 y, m, bm, batch, bm,
                 bias, bm, /*bias_per_row=*/false, /*split_rows=*/true};

@@ -123,6 +123,10 @@ int main() {
       {64, 64, 16, 16, 24, 0.0, true},
       {64, 64, 16, 16, 24, 0.0, false},
       {256, 256, 32, 32, 64, 0.1, true},
+      // Enough blocks per block column for bsr_dense_mm to pack x (kMinPanelReuse), with a
+      // partial last panel; the second needs a larger workspace than the first.
+      {256, 64, 8, 16, 53, 0.9, true},
+      {512, 96, 16, 8, 70, 1.0, false},
       {12, 20, 12, 4, 9, 1.0, true},  // blocks narrower than a vector
   };
   std::vector<Isa> isas{Isa::kPortable};
