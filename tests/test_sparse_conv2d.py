@@ -102,13 +102,24 @@ def test_matches_conv2d_resnet20_shapes(isa, c_in, c_out, hw, kernel, stride, pa
         check_against_reference(x, weight, bias, stride, padding, 1, 1, f"density={density}")
 
 
-def test_all_zero_weight_gives_bias(isa):
-    x = torch.randn(2, 4, 9, 7)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_all_zero_weight_gives_bias(isa, layout):
+    x = torch.randn(2, 4, 9, 7).contiguous(memory_format=layout)
     weight = torch.zeros(3, 4, 3, 3)
     bias = torch.tensor([1.5, -2.0, 0.25])
     out = sparse_conv2d(x, weight, bias, padding=1)
     assert torch.equal(out, bias.view(1, 3, 1, 1).expand(2, 3, 9, 7))
+    assert out.is_contiguous(memory_format=layout), "layout of x kept"
     assert torch.equal(sparse_conv2d(x, weight), torch.zeros(2, 3, 7, 5))
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 0), (2, 1), ((2, 1), (0, 2))])
+def test_channels_last_geometries(isa, stride, padding):
+    x, weight, bias = random_conv_inputs(3, 5, (11, 9), 7, (3, 3), 1, 0.3, torch.float32)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding)
+    out = sparse_conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding)
+    assert_close_to_reference(out, expected, torch.float32, f"channels_last stride={stride}")
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_non_contiguous_inputs(isa):

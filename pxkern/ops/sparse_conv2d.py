@@ -103,14 +103,13 @@ def sparse_conv2d(
             f"{stride_hw}, padding={padding_hw}, dilation={dilation_hw}"
         )
     if _backend(x) == "cpp":
-        y = torch.ops.pxkern.sparse_conv2d(
-            x.contiguous(), weight.contiguous(), bias, stride_hw, padding_hw, dilation_hw, groups
+        # The kernel reads channels-last x as it is and answers in its layout, as F.conv2d
+        # does; any other strides are made channels-first.
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
+        return torch.ops.pxkern.sparse_conv2d(
+            x, weight.contiguous(), bias, stride_hw, padding_hw, dilation_hw, groups
         )
-        # Like F.conv2d, answer in the input's layout: a channels-first result would send
-        # every later op (and oneDNN convolution) of a channels-last network down its
-        # slower paths.
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
     return F.conv2d(x, weight, bias, stride_hw, padding_hw, dilation_hw, groups)
 
 
@@ -178,4 +177,6 @@ if EXTENSION_AVAILABLE:
             + 1
             for i in range(2)
         ]
-        return x.new_empty((x.shape[0], weight.shape[0], *out_hw))
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        return x.new_empty((x.shape[0], weight.shape[0], *out_hw)).contiguous(memory_format=layout)

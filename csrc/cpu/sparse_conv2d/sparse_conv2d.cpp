@@ -57,7 +57,12 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
   TORCH_CHECK(c_out % groups == 0, "sparse_conv2d: out channels ", c_out,
               " must be divisible by groups=", groups);
 
-  const at::Tensor x = x_in.contiguous();
+  // Channels-last x (and not also channels-first, as for 1x1 images) is read as it is and
+  // answered in the same layout: a channels-first result would send every later op (and
+  // oneDNN's convolution) of a channels-last network down its slower paths.
+  const bool channels_last =
+      x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor bias;
   if (bias_in.has_value()) {
@@ -71,12 +76,15 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
 
   const sparse_conv2d::Geometry g = sparse_conv2d::make_geometry(
       x.size(0), c_in, x.size(2), x.size(3), c_out, weight.size(2), weight.size(3), groups, sh,
-      sw, ph, pw, dh, dw);
+      sw, ph, pw, dh, dw, channels_last);
   TORCH_CHECK(g.h_out > 0 && g.w_out > 0, "sparse_conv2d: dilated kernel ", weight.sizes(),
               " (dilation ", dilation, ") does not fit the padded input ", x.sizes(),
               " (padding ", padding, ")");
 
-  at::Tensor out = at::empty({g.n, c_out, g.h_out, g.w_out}, x.options());
+  at::Tensor out = at::empty(
+      {g.n, c_out, g.h_out, g.w_out},
+      x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                              : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const at::Tensor* bias_ptr = bias.defined() ? &bias : nullptr;
   if (x.scalar_type() == at::kFloat) {

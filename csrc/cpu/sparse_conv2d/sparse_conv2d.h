@@ -4,11 +4,12 @@
 // that is mostly zeros, touching only its nonzero taps.
 //
 // Inputs (row-major, contiguous):
-//   x       [N, C_in, H, W]
+//   x       [N, C_in, H, W], or [N, H, W, C_in] if channels_last
 //   weight  [C_out, C_in / groups, kh, kw]   any values; zeros are skipped
 //   bias    [C_out] or nullptr
 // Output:
-//   out     [N, C_out, H_out, W_out], H_out = (H + 2 ph - dh (kh - 1) - 1) / sh + 1
+//   out     [N, C_out, H_out, W_out] (or [N, H_out, W_out, C_out] if channels_last),
+//           H_out = (H + 2 ph - dh (kh - 1) - 1) / sh + 1
 //
 // Algorithm:
 //   1. pack_taps: per output channel, the list of nonzero taps (input channel, ky, kx,
@@ -18,13 +19,17 @@
 //      plane (py, px) of channel c holds padded[c][py + sh i][px + sw j]. A tap (ky, kx)
 //      then reads plane ((ky dh) % sh, (kx dw) % sw) at unit stride, shifted by
 //      ((ky dh) / sh, (kx dw) / sw), so padding and stride cost no branches and no
-//      strided loads in the hot loop. With stride 1 and no padding x is used in place.
+//      strided loads in the hot loop. With stride 1 and no padding x is used in place
+//      (channels-first x only: channels-last samples are transposed while prepared).
 //   3. For each (sample, output channel) [OpenMP, dynamic over sample x channel blocks],
 //      the output plane is cut into register tiles of R rows x V vectors (R V <= 12
 //      accumulators, so a tile lives in ymm registers). For each tile the loop over the
 //      channel's taps does one broadcast and R V fused multiply-adds from shifted input
 //      rows; the tile is stored once. Partial last vectors use masked loads/stores, so
-//      no load leaves the sample buffer.
+//      no load leaves the sample buffer. Channels-last: the item's planes go to a
+//      per-thread scratch and are transposed into out once all are done, so the tile
+//      stores stay unit-stride.
+//   An all-zero weight skips all of this: out is the bias.
 //   AVX2+FMA path chosen at run time (see ../isa.h); a portable scalar path with the
 //   same structure otherwise, or when PXKERN_CPU_ISA=portable.
 //
@@ -60,9 +65,10 @@ struct Geometry {
   int64_t n, c_in, h, w;
   int64_t c_out, kh, kw, groups;
   int64_t sh, sw, ph, pw, dh, dw;
+  bool channels_last;            // x and out are [N, H, W, C] instead of [N, C, H, W]
   int64_t h_out = 0, w_out = 0;
   int64_t hph = 0, wph = 0;      // rows / columns of one polyphase plane
-  bool in_place = false;         // stride 1 and no padding: x itself is the prepared sample
+  bool in_place = false;  // channels-first, stride 1, no padding: x is the prepared sample
   int64_t sample_numel = 0;      // elements of one prepared sample
 
   int64_t c_in_per_group() const { return c_in / groups; }
@@ -76,11 +82,12 @@ inline int64_t conv_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_
 
 inline Geometry make_geometry(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out,
                               int64_t kh, int64_t kw, int64_t groups, int64_t sh, int64_t sw,
-                              int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
-  Geometry g{n, c_in, h, w, c_out, kh, kw, groups, sh, sw, ph, pw, dh, dw};
+                              int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                              bool channels_last) {
+  Geometry g{n, c_in, h, w, c_out, kh, kw, groups, sh, sw, ph, pw, dh, dw, channels_last};
   g.h_out = conv_out_size(h, kh, sh, ph, dh);
   g.w_out = conv_out_size(w, kw, sw, pw, dw);
-  g.in_place = sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  g.in_place = !channels_last && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   g.hph = (h + 2 * ph + sh - 1) / sh;
   g.wph = (w + 2 * pw + sw - 1) / sw;
   g.sample_numel = c_in * sh * sw * g.hph * g.wph;
@@ -184,6 +191,26 @@ void prepare_sample(const T* x, const Geometry& g, const SamplePlan& plan, T* ds
           std::fill(drow + j1, drow + g.wph, T(0));
         }
       }
+    }
+  }
+}
+
+// prepare_sample for a channels-last sample [H, W, C_in]: pixel by pixel, so that x is
+// read contiguously and each prepared plane is written along its rows (reading channel by
+// channel would take a cache line of x per element).
+template <typename T>
+void prepare_sample_channels_last(const T* x, const Geometry& g, const SamplePlan& plan, T* dst) {
+  const int64_t plane = g.hph * g.wph, channel_step = g.sh * g.sw * plane;
+  std::fill(dst, dst + g.sample_numel, T(0));  // the padding
+  for (int64_t sy = 0; sy < g.h; ++sy) {
+    const int64_t py = (sy + g.ph) % g.sh, i = (sy + g.ph) / g.sh;
+    if (!plan.row_phase_used[py]) continue;
+    for (int64_t sx = 0; sx < g.w; ++sx) {
+      const int64_t px = (sx + g.pw) % g.sw, j = (sx + g.pw) / g.sw;
+      if (!plan.col_phase_used[px]) continue;
+      const T* src = x + (sy * g.w + sx) * g.c_in;
+      T* d = dst + (py * g.sw + px) * plane + i * g.wph + j;
+      for (int64_t c = 0; c < g.c_in; ++c) d[c * channel_step] = src[c];
     }
   }
 }
@@ -321,13 +348,55 @@ PXKERN_AVX2_FN void plane_avx2(const PlaneArgs<T>& a) {
 
 #endif  // PXKERN_HAVE_AVX2_PATH
 
-// out[N, C_out, h_out, w_out] = conv2d(x, weight, bias) with geometry g (see file header).
+// out = bias everywhere, in out's layout (bias nullptr: zeros).
+template <typename T>
+void fill_bias(const T* bias, T* out, const Geometry& g) {
+  const int64_t plane_out = g.h_out * g.w_out;
+  if (bias == nullptr) {
+    std::fill(out, out + g.n * g.c_out * plane_out, T(0));
+    return;
+  }
+  for (int64_t n = 0; n < g.n; ++n) {
+    T* sample = out + n * g.c_out * plane_out;
+    if (g.channels_last) {
+      for (int64_t p = 0; p < plane_out; ++p) std::copy(bias, bias + g.c_out, sample + p * g.c_out);
+    } else {
+      for (int64_t co = 0; co < g.c_out; ++co)
+        std::fill(sample + co * plane_out, sample + (co + 1) * plane_out, bias[co]);
+    }
+  }
+}
+
+// Planes [channels, plane_out] of output channels [co_begin, co_begin + channels) into the
+// channels-last sample out_sample [plane_out, c_out], in runs of kStorePixels pixels:
+// reading one pixel of every plane at once would hit planes a power of two apart, which
+// share an L1 set.
+constexpr int64_t kStorePixels = 16;
+
+template <typename T>
+void store_channels_last(const T* planes, int64_t channels, int64_t plane_out, int64_t co_begin,
+                         int64_t c_out, T* out_sample) {
+  for (int64_t p0 = 0; p0 < plane_out; p0 += kStorePixels) {
+    const int64_t p1 = std::min(plane_out, p0 + kStorePixels);
+    for (int64_t c = 0; c < channels; ++c) {
+      const T* src = planes + c * plane_out;
+      T* dst = out_sample + co_begin + c;
+      for (int64_t p = p0; p < p1; ++p) dst[p * c_out] = src[p];
+    }
+  }
+}
+
+// out = conv2d(x, weight, bias) with geometry g, in g's layout (see file header).
 // bias may be nullptr. num_threads <= 0 uses the OpenMP default.
 template <typename T>
 void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geometry& g,
                    Isa isa, int num_threads) {
   if (g.n == 0 || g.c_out == 0 || g.h_out <= 0 || g.w_out <= 0) return;
   const PackedTaps<T> taps = pack_taps(weight, g);
+  if (taps.offset.empty()) {
+    fill_bias(bias, out, g);
+    return;
+  }
   const SamplePlan plan = make_sample_plan(g);
   const int64_t plane_out = g.h_out * g.w_out;
   const int64_t x_sample = g.c_in * g.h * g.w;
@@ -354,6 +423,7 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geo
 #pragma omp parallel num_threads(threads) if (items > 1)
   {
     std::vector<T> scratch(g.in_place ? 0 : g.sample_numel);
+    std::vector<T> planes(g.channels_last ? co_per_block * plane_out : 0);
     int64_t prepared = -1;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
@@ -363,7 +433,11 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geo
       const T* src = x + n * x_sample;
       if (!g.in_place) {
         if (prepared != n) {
-          prepare_sample(src, g, plan, scratch.data());
+          if (g.channels_last) {
+            prepare_sample_channels_last(src, g, plan, scratch.data());
+          } else {
+            prepare_sample(src, g, plan, scratch.data());
+          }
           prepared = n;
         }
         src = scratch.data();
@@ -376,7 +450,8 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geo
                              taps.value.data() + t0,
                              taps.row_ptr[co + 1] - t0,
                              bias != nullptr ? bias[co] : T(0),
-                             out + (n * g.c_out + co) * plane_out,
+                             g.channels_last ? planes.data() + (co - co_begin) * plane_out
+                                             : out + (n * g.c_out + co) * plane_out,
                              g.h_out,
                              g.w_out};
 #if PXKERN_HAVE_AVX2_PATH
@@ -387,6 +462,9 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geo
 #endif
         plane_portable(a);
       }
+      if (g.channels_last)
+        store_channels_last(planes.data(), co_end - co_begin, plane_out, co_begin, g.c_out,
+                            out + n * g.c_out * plane_out);
     }
   }
 }

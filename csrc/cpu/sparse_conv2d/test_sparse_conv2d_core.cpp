@@ -1,5 +1,6 @@
 // Checks the torch-free sparse_conv2d core against a naive direct convolution on odd
-// shapes, for both ISA paths and both dtypes. Exit code 0 on success.
+// shapes, for both ISA paths, both dtypes and both layouts (channels-first and
+// channels-last x and out). Exit code 0 on success.
 #include "sparse_conv2d.h"
 
 #include <cmath>
@@ -46,9 +47,10 @@ std::vector<double> naive_conv2d(const std::vector<double>& x, const std::vector
 }
 
 template <typename T>
-bool check_case(const Case& k, Isa isa, double tol, std::mt19937& rng) {
+bool check_case(const Case& k, Isa isa, bool channels_last, double tol, std::mt19937& rng) {
   const Geometry g = pxkern::sparse_conv2d::make_geometry(
-      k.n, k.c_in, k.h, k.w, k.c_out, k.kh, k.kw, k.groups, k.sh, k.sw, k.ph, k.pw, k.dh, k.dw);
+      k.n, k.c_in, k.h, k.w, k.c_out, k.kh, k.kw, k.groups, k.sh, k.sw, k.ph, k.pw, k.dh, k.dw,
+      channels_last);
   std::uniform_real_distribution<double> value(-1.0, 1.0);
   std::bernoulli_distribution keep(k.density);
   std::vector<double> x(g.n * g.c_in * g.h * g.w), wt(g.c_out * g.c_in_per_group() * g.kh * g.kw);
@@ -57,24 +59,32 @@ bool check_case(const Case& k, Isa isa, double tol, std::mt19937& rng) {
   for (double& v : wt) v = keep(rng) ? static_cast<T>(value(rng)) : 0.0;
   for (double& v : bias) v = static_cast<T>(value(rng));
 
-  const std::vector<T> xt(x.begin(), x.end()), wtt(wt.begin(), wt.end()),
-      biast(bias.begin(), bias.end());
+  const std::vector<T> wtt(wt.begin(), wt.end()), biast(bias.begin(), bias.end());
+  // Flat index of element (n, c, pixel) of a [N, C, P] tensor in the kernel's layout.
+  auto in_layout = [&](int64_t i, int64_t channels, int64_t pixels) {
+    const int64_t n = i / (channels * pixels), c = i / pixels % channels, p = i % pixels;
+    return channels_last ? (n * pixels + p) * channels + c : i;
+  };
+  std::vector<T> xt(x.size());
+  for (size_t i = 0; i < x.size(); ++i) xt[in_layout(i, g.c_in, g.h * g.w)] = x[i];
   std::vector<T> out(g.n * g.c_out * g.h_out * g.w_out, T(-12345));
   pxkern::sparse_conv2d::sparse_conv2d<T>(xt.data(), wtt.data(), k.bias ? biast.data() : nullptr,
                                           out.data(), g, isa, 0);
   const std::vector<double> ref = naive_conv2d(x, wt, bias, g);
   for (size_t i = 0; i < ref.size(); ++i) {
-    const double err = std::fabs(static_cast<double>(out[i]) - ref[i]);
+    const double got = out[in_layout(i, g.c_out, g.h_out * g.w_out)];
+    const double err = std::fabs(got - ref[i]);
     if (!(err <= tol * (1.0 + std::fabs(ref[i])))) {
       std::printf(
-          "FAIL %s isa=%s n=%lld c_in=%lld h=%lld w=%lld c_out=%lld k=%lldx%lld groups=%lld "
+          "FAIL %s isa=%s%s n=%lld c_in=%lld h=%lld w=%lld c_out=%lld k=%lldx%lld groups=%lld "
           "stride=%lld,%lld pad=%lld,%lld dil=%lld,%lld density=%.2f bias=%d: flat index %zu "
           "got %.9g expected %.9g (abs err %.3g)\n",
           sizeof(T) == 4 ? "float32" : "float64", isa == Isa::kAvx2 ? "avx2" : "portable",
+          channels_last ? " channels-last" : "",
           (long long)k.n, (long long)k.c_in, (long long)k.h, (long long)k.w, (long long)k.c_out,
           (long long)k.kh, (long long)k.kw, (long long)k.groups, (long long)k.sh,
           (long long)k.sw, (long long)k.ph, (long long)k.pw, (long long)k.dh, (long long)k.dw,
-          k.density, (int)k.bias, i, static_cast<double>(out[i]), ref[i], err);
+          k.density, (int)k.bias, i, got, ref[i], err);
       return false;
     }
   }
@@ -94,6 +104,7 @@ int main() {
       {1, 3, 9, 41, 5, 1, 1, 1, 2, 2, 0, 0, 1, 1, 1.0, true},
       {2, 3, 7, 5, 3, 3, 2, 1, 3, 1, 0, 1, 1, 2, 0.8, false},
       {1, 4, 5, 3, 2, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.0, true},
+      {2, 3, 6, 6, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.0, false},
       {4, 16, 32, 32, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.05, false},
       {2, 16, 32, 32, 32, 3, 3, 1, 2, 2, 1, 1, 1, 1, 0.2, true},
       {2, 8, 37, 70, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.4, true},
@@ -105,11 +116,12 @@ int main() {
   std::mt19937 rng(0);
   int failures = 0, checks = 0;
   for (const Case& k : cases)
-    for (Isa isa : isas) {
-      failures += !check_case<float>(k, isa, 1e-5, rng);
-      failures += !check_case<double>(k, isa, 1e-12, rng);
-      checks += 2;
-    }
+    for (Isa isa : isas)
+      for (bool channels_last : {false, true}) {
+        failures += !check_case<float>(k, isa, channels_last, 1e-5, rng);
+        failures += !check_case<double>(k, isa, channels_last, 1e-12, rng);
+        checks += 2;
+      }
   std::printf("%d of %d checks passed\n", checks - failures, checks);
   return failures == 0 ? 0 : 1;
 }
