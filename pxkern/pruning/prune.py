@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pxkern.memory import reused_cpu_memory
 from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.pruning.criteria import get_criterion, score
 from pxkern.pruning.masks import apply_masks
@@ -89,13 +90,15 @@ def prune(
     masks = {name: mask != 0 for name, mask in resolve_masks(weights, None).items()}
     total = sum(w.param.numel() for w in weights)
     bar = tqdm(densities, desc=f"pruning ({method}, {scope})", unit="round", disable=not progress)
-    for round_density in bar:
-        scores = score(method, model, data, masks, generator=generator, **criterion_kwargs)
-        if block is not None:
-            scores = block_mean_scores(scores, block)
-        keep = keep_masks(scores, round_density)
-        masks = {name: keep[name] & masks[name] for name in masks}
-        kept = sum(int(m.count_nonzero()) for m in masks.values())
-        bar.set_postfix(density=f"{kept / total:.4f}")
+    # Every round allocates the same temporaries: keep their blocks from round to round.
+    with reused_cpu_memory():
+        for round_density in bar:
+            scores = score(method, model, data, masks, generator=generator, **criterion_kwargs)
+            if block is not None:
+                scores = block_mean_scores(scores, block)
+            keep = keep_masks(scores, round_density)
+            masks = {name: keep[name] & masks[name] for name in masks}
+            kept = sum(int(m.count_nonzero()) for m in masks.values())
+            bar.set_postfix(density=f"{kept / total:.4f}")
     apply_masks(model, masks)
     return masks

@@ -19,6 +19,7 @@ from torch import nn
 from pxkern.backend import BACKENDS, choose_backend
 from pxkern.data import iter_batches
 from pxkern.evaluation import batchnorm_buffer_copies, check_bn_mode, model_state_restored, unit_prune_masks
+from pxkern.memory import reused_cpu_memory
 from pxkern.px.scaled import Exponents, ScaledSum, stream_layout
 from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.px.fused import FusedPlan, UnsupportedByPlan, build_plan
@@ -99,7 +100,7 @@ def px_scores(
     kept = kept_parameter_names(model, tuple(keep))
 
     batches = _CheckedBatches(data, device, dtype)
-    with model_state_restored(model):
+    with model_state_restored(model), reused_cpu_memory():
         plan = _fused_plan(model, weights, keep, bn, dtype, backend)
         if plan is not None:
             return _finished(_float32_scores(plan.raw_scores(batches, mask_values, weights)),
