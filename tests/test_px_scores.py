@@ -19,6 +19,7 @@ import zoo
 from pxkern import px_scores
 from pxkern.ops.bsr_dense_mm import bsr_linear
 from pxkern.ops.bsr_px_scores import bsr_px_scores
+from pxkern.px import streams
 from pxkern.px.streams import UnsupportedActivationError
 from pxkern.testing import assert_same_topk_masks, assert_scores_close, reference_px_scores
 
@@ -149,6 +150,39 @@ def test_deeper_than_float64_range():
     assert all(bool(torch.isfinite(s).all()) for s in expected.values())
     actual = px_scores(model.float(), x.float())
     assert_scores_close(actual, expected)
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+@pytest.mark.parametrize("factor, reruns", [(1.0, False), (2.0**80, True), (2.0**-80, True)])
+def test_stream_a_leaves_true_scale_and_is_rerun_scaled(monkeypatch, factor, reruns):
+    # Stream A runs as the model's own forward unless a ReLU input or the output leaves
+    # [2**-64, 2**64]; here a layer scales its input by 2**+-80 in the middle of the net
+    # (float32 holds it, the output does not show it), so A must be rerun scaled, and the
+    # scores must still match the float64 reference.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), _Scale(factor), nn.Linear(8, 8), nn.ReLU(),
+                          _Scale(1 / factor), nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    gate_runs = []
+    real_run_stream = streams.run_stream
+
+    def counting(model, state, *args, **kwargs):
+        if state.stream is streams.Stream.GATES:
+            gate_runs.append(state.true_scale)
+        return real_run_stream(model, state, *args, **kwargs)
+
+    monkeypatch.setattr(streams, "run_stream", counting)
+    actual = px_scores(model, x)
+    assert gate_runs == ([True, False] if reruns else [True])
+    assert_scores_close(actual, reference_px_scores(model, x))
 
 
 class _WhereGate(nn.Module):

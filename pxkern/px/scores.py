@@ -28,6 +28,7 @@ from pxkern.px.streams import (
     Stream,
     StreamState,
     kept_parameter_names,
+    run_gates,
     run_stream,
     stream_parameters,
 )
@@ -110,9 +111,8 @@ def px_scores(
         v = ScaledSum()
         with torch.no_grad():
             for x in batches:
-                gates = StreamState(Stream.GATES, Exponents(), block_sparse=parameters.block_sparse)
-                run_stream(model, gates, x, parameters.gates, buffers, bn)
-                paths = StreamState(Stream.PATHS, Exponents(), gates.gates, parameters.ones_weights,
+                gates = run_gates(model, x, parameters.gates, buffers, parameters.block_sparse)
+                paths = StreamState(Stream.PATHS, Exponents(), gates, parameters.ones_weights,
                                     parameters.block_sparse)
                 z1, exponent = run_stream(model, paths, x * x, parameters.paths, buffers, bn)
                 v.add(z1.sum(0), exponent)

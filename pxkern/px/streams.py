@@ -6,7 +6,9 @@ substituted parameters, under a ``TorchFunctionMode`` that
   ``torch.relu``, ``Tensor.relu``, ``relu_``, ...) and applies the stream's rule: A records
   the gate ``input > 0``, B multiplies by the recorded gate, C is the identity;
 - refuses activations the method does not cover, naming the module that calls them;
-- carries every stream value as a power-of-two scaled mantissa (``scaled.py``);
+- carries every value of streams B and C as a power-of-two scaled mantissa
+  (``scaled.py``); stream A, whose gates are all the others use, is the model's own
+  forward in true scale unless a value leaves a safe range (``run_gates``);
 - routes convolutions and linear layers of streams A and B to cheaper kernels where the
   weight's structure allows (all-ones weights of B, pruned weights of later rounds; see
   ``kernel_for``).
@@ -29,7 +31,9 @@ from pxkern.evaluation import set_mode
 from pxkern.ops.bsr_dense_mm import bsr_linear
 from pxkern.ops.bsr_px_scores import bsr_px_scores
 from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
-from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, empty_in_stream_layout, op_name
+from pxkern.px.scaled import (
+    WEIGHTED_OPS, Exponents, ScaledArithmetic, empty_in_stream_layout, magnitude_exponent, op_name,
+)
 from pxkern.sparse.format import BlockSparseMatrix
 from pxkern.sparse.sparsify import UNMEASURED_MAX_BLOCK_DENSITY, choose_blocks
 from pxkern.weights import PrunableWeight, is_all_ones
@@ -55,6 +59,11 @@ UNSUPPORTED_ACTIVATIONS = frozenset(
 # float64 C 1e-7), and C costs one sample, so float64 is nearly free.
 KERNEL_DTYPE = torch.float64
 
+# Stream A runs in true scale while the magnitude of every ReLU input and of the output
+# stays in [2**-TRUE_SCALE_RANGE, 2**TRUE_SCALE_RANGE]: far from float32's limits (2**+-126)
+# for the ops between two ReLUs, and never left by ordinary networks.
+TRUE_SCALE_RANGE = 64
+
 
 class Stream(enum.Enum):
     GATES = "A"  # the model as it is, masked: records ReLU gates
@@ -64,6 +73,19 @@ class Stream(enum.Enum):
 
 class UnsupportedActivationError(TypeError):
     """The model uses an activation outside the ReLU family, which PX does not define."""
+
+
+class _LeftTrueScale(ArithmeticError):
+    """A value of stream A run in true scale left the safe range (TRUE_SCALE_RANGE)."""
+
+
+def _check_true_scale(value: torch.Tensor) -> None:
+    try:
+        exponent = magnitude_exponent(value)
+    except FloatingPointError as error:  # inf or NaN
+        raise _LeftTrueScale() from error
+    if exponent is not None and abs(exponent) > TRUE_SCALE_RANGE:
+        raise _LeftTrueScale()
 
 
 @dataclass
@@ -80,6 +102,8 @@ class StreamState:
     block_sparse: dict[int, BlockSparseMatrix] = field(default_factory=dict)
     # ids of C's stand-in weights of those layers -> their block-sparse C layer
     kernel_layers: dict[int, BlockSparseKernelLayer] = field(default_factory=dict)
+    # Stream A only: run in true scale, with no exponents (see run_gates).
+    true_scale: bool = False
 
 
 def _relu_arguments(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, float, bool]:
@@ -217,6 +241,10 @@ class StreamMode(TorchFunctionMode):
                 f"activations only (nn.ReLU, nn.LeakyReLU, F.relu, torch.relu, Tensor.relu "
                 f"and their in-place forms)"
             )
+        if self.state.true_scale:
+            if name in WEIGHTED_OPS:
+                return self.kernel_for(func, name, args, kwargs)(*args, **kwargs)
+            return func(*args, **kwargs)
         exponents = self.state.exponents
         if not exponents.any_tagged(args, kwargs):
             return func(*args, **kwargs)
@@ -238,6 +266,8 @@ class StreamMode(TorchFunctionMode):
         if stream is Stream.KERNEL:
             return x
         if stream is Stream.GATES:
+            if self.state.true_scale:
+                _check_true_scale(x)
             y = torch.nn.functional.leaky_relu(x, slope, inplace)
             # sign(activation) is the gate in one cheap pass; LeakyReLU's -1s become 0.
             gate = torch.sign(y)
@@ -403,7 +433,8 @@ def run_stream(
     set_mode(model, batch_statistics=bn == "batch" and state.stream is not Stream.GATES)
     module_names = {m: name for name, m in model.named_modules()}
     mode = StreamMode(state, module_names)
-    x = state.exponents.start(x)
+    if not state.true_scale:
+        x = state.exponents.start(x)
     with mode.tracking_modules(), mode:
         output = functional_call(model, {**parameters, **buffers}, (x,), tie_weights=True, strict=False)
     if not isinstance(output, torch.Tensor):
@@ -411,6 +442,8 @@ def run_stream(
             f"{type(model).__name__} returned a {type(output).__name__}: PX scoring needs a "
             f"model whose forward returns one tensor"
         )
+    if state.true_scale:
+        _check_true_scale(output)
     if state.stream is Stream.PATHS and mode.relu_calls != len(state.gates):
         raise RuntimeError(
             f"stream B made {mode.relu_calls} ReLU calls, stream A {len(state.gates)}: PX needs "
@@ -418,3 +451,24 @@ def run_stream(
         )
     exponent = state.exponents.of(output)
     return output, 0 if exponent is None else exponent
+
+
+def run_gates(
+    model: nn.Module,
+    x: torch.Tensor,
+    parameters: Mapping[str, torch.Tensor],
+    buffers: Mapping[str, torch.Tensor],
+    block_sparse: dict[int, BlockSparseMatrix],
+) -> list[torch.Tensor]:
+    """Stream A's gates. A is first run as the model's own forward, in true scale and
+    without exponent bookkeeping on every op; if a ReLU input or the output leaves
+    ``[2**-TRUE_SCALE_RANGE, 2**TRUE_SCALE_RANGE]`` (or is not finite), as in very deep
+    nets whose activations shrink or grow layer after layer, A is run again with
+    power-of-two scaled values, which keep every gate exact at any depth."""
+    state = StreamState(Stream.GATES, Exponents(), true_scale=True, block_sparse=block_sparse)
+    try:
+        run_stream(model, state, x, parameters, buffers, "eval")
+    except _LeftTrueScale:
+        state = StreamState(Stream.GATES, Exponents(), block_sparse=block_sparse)
+        run_stream(model, state, x, parameters, buffers, "eval")
+    return state.gates
