@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace pxkern {
 
 namespace {
@@ -24,54 +26,54 @@ at::Tensor check_bias(const char* op, const std::optional<at::Tensor>& bias, int
   return bias->contiguous();
 }
 
-}  // namespace
+// Which product: y [M, N] = W x for x [K, N], or y [B, M] = x W^T for x [B, K].
+enum class Layout { kDenseMm, kLinear };
 
-at::Tensor bsr_dense_mm_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
-                            const at::Tensor& column_indices, at::IntArrayRef shape,
-                            const at::Tensor& x, const std::optional<at::Tensor>& bias_in,
-                            bool square_weight) {
-  const char* op = "bsr_dense_mm";
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [K, N], got shape ", x.sizes());
+// Checks the arguments of either op, allocates y and runs the core.
+at::Tensor bsr_product_cpu(Layout layout, const at::Tensor& values, const at::Tensor& row_offsets,
+                           const at::Tensor& column_indices, at::IntArrayRef shape,
+                           const at::Tensor& x, const std::optional<at::Tensor>& bias_in,
+                           bool square_weight) {
+  const bool mm = layout == Layout::kDenseMm;
+  const char* op = mm ? "bsr_dense_mm" : "bsr_linear";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D ", mm ? "[K, N]" : "[B, K]", ", got shape ",
+              x.sizes());
   const BsrShape s = check_bsr(op, values, row_offsets, column_indices, shape, x, "x");
-  TORCH_CHECK(x.size(0) == s.k, op, ": x has ", x.size(0), " rows but W of shape ", shape,
-              " needs K = ", s.k);
+  const int64_t x_k = x.size(mm ? 0 : 1), other = x.size(mm ? 1 : 0);
+  TORCH_CHECK(x_k == s.k, op, ": x has ", x_k, mm ? " rows" : " columns", " but W of shape ",
+              shape, " needs K = ", s.k);
   const at::Tensor bias = check_bias(op, bias_in, s.m, values.scalar_type());
-  const int64_t n = x.size(1);
-  at::Tensor y = at::empty({s.m, n}, x.options());
+  const std::vector<int64_t> y_shape = mm ? std::vector<int64_t>{s.m, other}
+                                           : std::vector<int64_t>{other, s.m};
+  at::Tensor y = at::empty(y_shape, x.options());
   if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bsr_dense_mm", [&] {
-    bsr_dense_mm::bsr_dense_mm<scalar_t>(
-        values.const_data_ptr<scalar_t>(), row_offsets.const_data_ptr<int32_t>(),
-        column_indices.const_data_ptr<int32_t>(), s.m, s.k, s.bm, s.bn,
-        x.const_data_ptr<scalar_t>(), n,
-        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
-        square_weight, bsr_dense_mm::select_isa(), at::get_num_threads());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bsr_product", [&] {
+    const auto core = mm ? &bsr_dense_mm::bsr_dense_mm<scalar_t> : &bsr_dense_mm::bsr_linear<scalar_t>;
+    core(values.const_data_ptr<scalar_t>(), row_offsets.const_data_ptr<int32_t>(),
+         column_indices.const_data_ptr<int32_t>(), s.m, s.k, s.bm, s.bn,
+         x.const_data_ptr<scalar_t>(), other,
+         bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
+         square_weight, bsr_dense_mm::select_isa(), at::get_num_threads());
   });
   return y;
 }
 
+}  // namespace
+
+at::Tensor bsr_dense_mm_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
+                            const at::Tensor& column_indices, at::IntArrayRef shape,
+                            const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                            bool square_weight) {
+  return bsr_product_cpu(Layout::kDenseMm, values, row_offsets, column_indices, shape, x, bias,
+                         square_weight);
+}
+
 at::Tensor bsr_linear_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
                           const at::Tensor& column_indices, at::IntArrayRef shape,
-                          const at::Tensor& x, const std::optional<at::Tensor>& bias_in,
+                          const at::Tensor& x, const std::optional<at::Tensor>& bias,
                           bool square_weight) {
-  const char* op = "bsr_linear";
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [B, K], got shape ", x.sizes());
-  const BsrShape s = check_bsr(op, values, row_offsets, column_indices, shape, x, "x");
-  TORCH_CHECK(x.size(1) == s.k, op, ": x has ", x.size(1), " columns but W of shape ", shape,
-              " needs K = ", s.k);
-  const at::Tensor bias = check_bias(op, bias_in, s.m, values.scalar_type());
-  const int64_t batch = x.size(0);
-  at::Tensor y = at::empty({batch, s.m}, x.options());
-  if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bsr_linear", [&] {
-    bsr_dense_mm::bsr_linear<scalar_t>(
-        values.const_data_ptr<scalar_t>(), row_offsets.const_data_ptr<int32_t>(),
-        column_indices.const_data_ptr<int32_t>(), s.m, s.k, s.bm, s.bn,
-        x.const_data_ptr<scalar_t>(), batch,
-        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
-        square_weight, bsr_dense_mm::select_isa(), at::get_num_threads());
-  });
-  return y;
+  return bsr_product_cpu(Layout::kLinear, values, row_offsets, column_indices, shape, x, bias,
+                         square_weight);
 }
 
 TORCH_LIBRARY_IMPL(pxkern, CPU, m) {
