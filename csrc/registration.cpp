@@ -22,6 +22,7 @@ TORCH_LIBRARY(pxkern, m) {
       "bsr_linear(Tensor values, Tensor row_offsets, Tensor column_indices, int[2] shape, "
       "Tensor x, Tensor? bias, bool square_weight=False) -> Tensor");
   m.def("reuse_cpu_memory(bool enable) -> ()");
+  m.def("relu_gate(Tensor x, float negative_slope, Tensor(a!) y) -> (Tensor, Tensor)");
   m.def(
       "bsr_px_scores(Tensor values, Tensor row_offsets, Tensor column_indices, int[2] shape, "
       "Tensor grad_out, Tensor inputs) -> Tensor");

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
@@ -30,10 +31,9 @@ from pxkern.backend import choose_backend
 from pxkern.evaluation import set_mode
 from pxkern.ops.bsr_dense_mm import bsr_linear
 from pxkern.ops.bsr_px_scores import bsr_px_scores
+from pxkern.ops.relu_gate import relu_gate
 from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
-from pxkern.px.scaled import (
-    WEIGHTED_OPS, Exponents, ScaledArithmetic, empty_in_stream_layout, magnitude_exponent, op_name,
-)
+from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, empty_in_stream_layout, op_name
 from pxkern.sparse.format import BlockSparseMatrix
 from pxkern.sparse.sparsify import UNMEASURED_MAX_BLOCK_DENSITY, choose_blocks
 from pxkern.weights import PrunableWeight, is_all_ones
@@ -79,12 +79,9 @@ class _LeftTrueScale(ArithmeticError):
     """A value of stream A run in true scale left the safe range (TRUE_SCALE_RANGE)."""
 
 
-def _check_true_scale(value: torch.Tensor) -> None:
-    try:
-        exponent = magnitude_exponent(value)
-    except FloatingPointError as error:  # inf or NaN
-        raise _LeftTrueScale() from error
-    if exponent is not None and abs(exponent) > TRUE_SCALE_RANGE:
+def _check_true_scale(peak: float) -> None:
+    """Raises _LeftTrueScale unless ``peak`` (a largest magnitude) is 0 or in range."""
+    if not math.isfinite(peak) or (peak > 0 and abs(math.frexp(peak)[1]) > TRUE_SCALE_RANGE):
         raise _LeftTrueScale()
 
 
@@ -266,12 +263,10 @@ class StreamMode(TorchFunctionMode):
         if stream is Stream.KERNEL:
             return x
         if stream is Stream.GATES:
+            y, gate, peak = relu_gate(x, slope, inplace)
             if self.state.true_scale:
-                _check_true_scale(x)
-            y = torch.nn.functional.leaky_relu(x, slope, inplace)
-            # sign(activation) is the gate in one cheap pass; LeakyReLU's -1s become 0.
-            gate = torch.sign(y)
-            self.state.gates.append(gate.clamp_(min=0) if slope else gate)
+                _check_true_scale(peak)
+            self.state.gates.append(gate)
         else:
             # Each gate is read once: writing the product into it spares an allocation
             # (and its page faults) per ReLU.
@@ -443,7 +438,7 @@ def run_stream(
             f"model whose forward returns one tensor"
         )
     if state.true_scale:
-        _check_true_scale(output)
+        _check_true_scale(float(output.detach().abs().max()) if output.numel() else 0.0)
     if state.stream is Stream.PATHS and mode.relu_calls != len(state.gates):
         raise RuntimeError(
             f"stream B made {mode.relu_calls} ReLU calls, stream A {len(state.gates)}: PX needs "
