@@ -58,11 +58,8 @@
 #include <string>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #include "../isa.h"
+#include "../threads.h"
 
 namespace pxkern {
 namespace bsr_dense_mm {
@@ -70,6 +67,7 @@ namespace bsr_dense_mm {
 // Run-time ISA choice, shared by all cores (../isa.h).
 using cpu::Isa;
 using cpu::cpu_has_avx2_fma;
+using cpu::resolve_threads;
 using cpu::select_isa;
 
 // Empty if row_offsets/column_indices describe a valid block structure with block_rows rows
@@ -398,15 +396,6 @@ void region(const Problem<T>& pr, bool avx2, int64_t i, int64_t r_lo, int64_t r_
       }
     }
   }
-}
-
-inline int resolve_threads(int num_threads) {
-#if defined(_OPENMP)
-  return num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-  return 1;
-#endif
 }
 
 template <typename T, Square Sq>

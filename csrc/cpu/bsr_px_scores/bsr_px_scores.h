@@ -52,7 +52,7 @@ using bsr_dense_mm::check_structure;
 using bsr_dense_mm::kMaxVectors;
 using bsr_dense_mm::kPortableCols;
 using bsr_dense_mm::kPortableRows;
-using bsr_dense_mm::resolve_threads;
+using cpu::resolve_threads;
 
 template <typename T>
 struct Problem {

@@ -20,11 +20,8 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #include "../isa.h"
+#include "../threads.h"
 
 namespace pxkern {
 namespace relu_gate {
@@ -106,14 +103,11 @@ T relu_gate(const T* x, int64_t n, T slope, T* y, T* gate, Isa isa, int num_thre
 #else
   (void)isa;
 #endif
-#if defined(_OPENMP)
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-#endif
+  (void)num_threads;  // read by the OpenMP pragma only
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   T peak = 0;
-#pragma omp parallel for num_threads(threads) reduction(max : peak) if (chunks > 1)
+#pragma omp parallel for num_threads(cpu::resolve_threads(num_threads)) reduction(max : peak) \
+    if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
 #if PXKERN_HAVE_AVX2_PATH

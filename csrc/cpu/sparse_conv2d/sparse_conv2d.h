@@ -46,11 +46,8 @@
 #include <cstring>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #include "../isa.h"
+#include "../threads.h"
 
 namespace pxkern {
 namespace sparse_conv2d {
@@ -405,12 +402,7 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geo
 #else
   (void)isa;
 #endif
-#if defined(_OPENMP)
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  (void)num_threads;
-  const int threads = 1;
-#endif
+  const int threads = cpu::resolve_threads(num_threads);
   // Split output channels only as far as needed to give every thread a few work items,
   // so that a thread usually prepares each sample once and reuses it for all channels.
   // Dynamic scheduling: items are 10-1000 us, and a thread that is preempted (shared
