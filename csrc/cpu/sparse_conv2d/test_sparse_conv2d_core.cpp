@@ -108,6 +108,9 @@ int main() {
       {4, 16, 32, 32, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.05, false},
       {2, 16, 32, 32, 32, 3, 3, 1, 2, 2, 1, 1, 1, 1, 0.2, true},
       {2, 8, 37, 70, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.4, true},
+      // Channels-last transposition in 8x8 blocks with ragged edges: 12 input channels,
+      // 21 columns, 11 output channels.
+      {2, 12, 9, 21, 11, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.5, true},
   };
   std::vector<Isa> isas{Isa::kPortable};
   if (pxkern::sparse_conv2d::cpu_has_avx2_fma()) isas.push_back(Isa::kAvx2);
