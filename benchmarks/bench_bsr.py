@@ -15,7 +15,19 @@ one, and every ratio uses the block density actually drawn). Shapes (--shapes pi
   r50.layer4.1x1  2048 x  512,  7x7 output   /  X [C_in*kh*kw, batch*H_out*W_out]
 
 Every shape but the headline runs at batch 1 and 64. All kernels run in turn within each
-of --repeats repeats (after --warmup); medians reported. They all allocate their output
+of --repeats repeats (after --warmup); medians reported.
+
+Caches (--cache): with "warm" (the default), each kernel's turn makes one untimed call
+and then times the mean of 4 back-to-back calls, so its operands are in cache, as for a
+layer reading what the previous layer has just written (the convention of
+torch.utils.benchmark). With "cold", each turn times one call made right after the other
+kernels', whose operands (16 MB for the dense 2048x2048 weight) have pushed its own out
+of the caches. The sparse products at low density are the ones this changes: at block
+density 0.05 the headline product does 107 MFLOP but moves x and y, 4 MB, through
+memory. Batch-64 cases are always timed cold: their operands (x alone is 38 MB for
+vit.fc1) do not fit in cache anyway.
+
+They all allocate their output
 from pxkern's pool of large CPU blocks (pxkern.memory), so that none pays first-touch page
 faults for it: for a 2048x256 float32 output those cost ~0.15 ms per call on this VM,
 nothing to the dense product but 10-20% of a sparse one at block density 0.05.
@@ -31,7 +43,7 @@ The full grid is large for a small machine (a batch-64 ViT fc1 product is ~60 GF
 dense work and torch CSR takes ~20x that time at density 0.5), so to keep the default run
 near 10 minutes on 2 cores (12.5 minutes measured on a 2-core VM that was throttled to
 about one core; --shapes and --blocks cut it further):
-  - batch-64 cases run --big-repeats (default 1) repeats and no warm-up beyond the
+  - batch-64 cases run --big-repeats (default 1) cold repeats and no warm-up beyond the
     correctness check, which already calls dense, pxkern and linear once;
   - at batch 64 torch CSR, which ignores the block structure, is timed at 32x32 blocks
     only (about 4 more minutes with --full-csr); the other rows show "-" / null.
@@ -46,7 +58,7 @@ density on log-log axes: dense (flat), ideal (density * dense), torch BSR, torch
 pxkern.
 
 Usage: python -m benchmarks.bench_bsr [--quick] [--shapes NAME ...] [--blocks 16 32 64]
-       [--json results/bsr.json] [--plot results/bsr.png]
+       [--cache warm|cold] [--json results/bsr.json] [--plot results/bsr.png]
 """
 
 import argparse
@@ -67,6 +79,7 @@ DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.02)
 BLOCKS = (16, 32, 64)
 BIG_BATCH = 64
 CSR_BLOCK = 32  # the one block size at which batch-64 cases time torch CSR by default
+WARM_CALLS = 4  # timed back-to-back calls per turn with --cache warm
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,7 @@ SHAPES = (
 
 
 def run(shape: Shape, batch: int, block: int, density: float, dtype: torch.dtype,
-        warmup: int, repeats: int, time_csr: bool) -> dict:
+        warmup: int, repeats: int, time_csr: bool, warm: bool) -> dict:
     m, k, n = shape.m, shape.k, shape.n_per_sample * batch
     gen = torch.Generator().manual_seed(0)
     keep = torch.rand(m // block, k // block, generator=gen) < density
@@ -118,7 +131,7 @@ def run(shape: Shape, batch: int, block: int, density: float, dtype: torch.dtype
     kernels["pxkern"] = lambda: bsr_dense_mm(*fields, x)
     kernels["linear"] = lambda: bsr_linear(*fields, x_rows)
     with reused_cpu_memory():
-        times = interleaved_medians(kernels, warmup, repeats)
+        times = interleaved_medians(kernels, warmup, repeats, WARM_CALLS if warm else 0)
     times.setdefault("torch_csr", None)
 
     nnz_blocks = int(keep.sum())
@@ -136,6 +149,7 @@ def run(shape: Shape, batch: int, block: int, density: float, dtype: torch.dtype
         "nnz_blocks": nnz_blocks,
         "useful_flop": flop,
         "repeats": repeats,
+        "cache": "warm" if warm else "cold",
         **{f"{name}_ms": _scaled(seconds, 1e3) for name, seconds in times.items()},
         "ideal_ms": ideal * 1e3,
         "pxkern_vs_ideal": pxkern / ideal,
@@ -244,6 +258,8 @@ def main() -> None:
     parser.add_argument("--big-repeats", type=int, default=1, help=f"repeats of batch-{BIG_BATCH} cases")
     parser.add_argument("--full-csr", action="store_true",
                         help=f"time torch CSR at batch {BIG_BATCH} for every block size")
+    parser.add_argument("--cache", choices=("warm", "cold"), default="warm",
+                        help="operands in cache (back-to-back calls) or not; see above")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     args = parser.parse_args()
     prepare_kernel_benchmark(args.threads)
@@ -254,7 +270,8 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     big_repeats = min(args.big_repeats, repeats)
 
-    print(f"{args.dtype}, {torch.get_num_threads()} threads; times in ms, GF/s of useful work")
+    print(f"{args.dtype}, {torch.get_num_threads()} threads, {args.cache} caches at batch 1; "
+          f"times in ms, GF/s of useful work")
     rows = []
     start = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
@@ -268,7 +285,8 @@ def main() -> None:
                           f"{time.perf_counter() - start:.0f} s elapsed", flush=True)
                     case = [run(shape, batch, block, density, dtype,
                                 0 if big else args.warmup, big_repeats if big else repeats,
-                                time_csr=not big or args.full_csr or block == CSR_BLOCK)
+                                time_csr=not big or args.full_csr or block == CSR_BLOCK,
+                                warm=args.cache == "warm" and not big)
                             for density in DENSITIES]
                     print_table(case, COLUMNS[4:])
                     rows.extend(case)
@@ -286,7 +304,7 @@ def main() -> None:
                    for s in shapes},
         "headline": HEADLINE.name, "blocks": blocks, "densities": list(DENSITIES),
         "dtype": args.dtype, "quick": args.quick,
-        "warmup": args.warmup, "repeats": repeats,
+        "warmup": args.warmup, "repeats": repeats, "cache": args.cache, "warm_calls": WARM_CALLS,
         "big_batch": {"batch": BIG_BATCH, "warmup": 0, "repeats": big_repeats,
                       "torch_csr_blocks": blocks if args.full_csr else [CSR_BLOCK]},
         "pxkern_cpu_isa": os.environ.get("PXKERN_CPU_ISA", "auto"),

@@ -25,18 +25,30 @@ def median_seconds(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) 
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5,
+                        warm_calls: int = 0) -> dict[str, float]:
     """Median wall time of each function, the functions run in turn within every repeat:
-    on a shared machine whose speed drifts, each ratio then compares like with like."""
+    on a shared machine whose speed drifts, each ratio then compares like with like.
+
+    ``warm_calls=0``: each turn times one call, made right after the other functions'
+    calls, so its operands come from memory (cold caches). ``warm_calls=n``: each turn
+    makes one untimed call, then times ``n`` more and takes their mean: the operands are
+    in cache, as for a layer whose input the previous layer has just written (the
+    convention of ``torch.utils.benchmark`` and pytest-benchmark, which time calls back
+    to back)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if warm_calls:
+                fn()
+            calls = max(warm_calls, 1)
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
