@@ -22,6 +22,7 @@ from pxkern.evaluation import batchnorm_buffer_copies, check_bn_mode, model_stat
 from pxkern.memory import reused_cpu_memory
 from pxkern.px.scaled import Exponents, ScaledSum, stream_layout
 from pxkern.pruning.blocks import block_mean_scores, check_block
+from pxkern.px.folding import FoldMismatch, new_folding, plan_for, remember_plan
 from pxkern.px.fused import FusedPlan, UnsupportedByPlan, build_plan
 from pxkern.px.streams import (
     KERNEL_DTYPE,
@@ -109,13 +110,15 @@ def px_scores(
         parameters = stream_parameters(model, weights, mask_values, kept, dtype)
         buffers = _stream_buffers(model, weights, bn, dtype)
         v = ScaledSum()
+        plan = plan_for(model)
         with torch.no_grad():
             for x in batches:
-                gates = run_gates(model, x, parameters.gates, buffers, parameters.block_sparse)
+                gates, plan = run_gates(model, x, parameters.gates, buffers, parameters.block_sparse, plan)
                 paths = StreamState(Stream.PATHS, Exponents(), gates, parameters.ones_weights,
                                     parameters.block_sparse)
-                z1, exponent = run_stream(model, paths, x * x, parameters.paths, buffers, bn)
+                z1, exponent = _run_paths(model, paths, x * x, parameters, buffers, bn, plan)
                 v.add(z1.sum(0), exponent)
+        remember_plan(model, plan)
         with torch.enable_grad():
             # One sample is exact (every sample of C's input is the same); BatchNorm with
             # batch statistics needs two values per channel, and identical samples give
@@ -130,6 +133,22 @@ def px_scores(
             z2, _ = run_stream(model, kernel, ones, parameters.kernel, kernel_buffers, bn)
     scores = _scores_from_kernel(z2, ones, v, parameters.kernel_weights, weights, mask_values)
     return _finished(scores, block, mask_values)
+
+
+def _run_paths(model: nn.Module, state: StreamState, x: torch.Tensor, parameters, buffers, bn: str,
+               plan) -> tuple[torch.Tensor, int]:
+    """Stream B, with the BatchNorms A folded (in eval mode; B's all-ones weights stay
+    box filters). A followed the plan on the same forward, so a mismatch here means the
+    forward's structure depends on parameter values; B cannot rerun, its gates are spent."""
+    tensors = {**parameters.paths, **buffers}
+    folding = new_folding(plan, tensors, frozenset(parameters.ones_weights)) if bn == "eval" else None
+    try:
+        return run_stream(model, state, x, parameters.paths, buffers, bn, folding)
+    except FoldMismatch as mismatch:
+        raise RuntimeError(
+            f"stream B used a convolution output differently from stream A ({mismatch}): PX "
+            f"needs a forward whose structure does not depend on parameter values"
+        ) from mismatch
 
 
 class _CheckedBatches:

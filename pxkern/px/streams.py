@@ -33,6 +33,7 @@ from pxkern.ops.bsr_dense_mm import bsr_linear
 from pxkern.ops.bsr_px_scores import bsr_px_scores
 from pxkern.ops.relu_gate import relu_gate
 from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
+from pxkern.px.folding import FOLDABLE_OPS, FoldingRecorder, FoldingRunner, FoldMismatch, FoldPlan, new_folding
 from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, empty_in_stream_layout, op_name
 from pxkern.sparse.format import BlockSparseMatrix
 from pxkern.sparse.sparsify import UNMEASURED_MAX_BLOCK_DENSITY, choose_blocks
@@ -219,17 +220,34 @@ def _conv_arguments(args: tuple, kwargs: dict) -> tuple:
 class StreamMode(TorchFunctionMode):
     """Applies one stream's rules to every torch call made by the model's forward."""
 
-    def __init__(self, state: StreamState, module_names: Mapping[nn.Module, str]) -> None:
+    def __init__(self, state: StreamState, module_names: Mapping[nn.Module, str],
+                 folding: FoldingRecorder | FoldingRunner | None = None) -> None:
         super().__init__()
         self.state = state
         self.arithmetic = ScaledArithmetic(state.exponents)
         self.module_names = module_names
         self.module_stack: list[nn.Module] = []
         self.relu_calls = 0
+        self.folding = folding
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = op_name(func)
+        folding = self.folding
+        if folding is None:
+            return self.evaluate(func, name, args, kwargs)
+        folded = folding.op(name, args, kwargs)
+        if folded is not None:
+            # The BatchNorm of a folded convolution: its output, as a new tensor object.
+            exponent = self.state.exponents.of(folded)
+            alias = folded.detach()
+            return alias if exponent is None else self.state.exponents.tag(alias, exponent)
+        if name in FOLDABLE_OPS:
+            return folding.convolution(lambda a, k: self.evaluate(func, name, a, k), args, kwargs)
+        return self.evaluate(func, name, args, kwargs)
+
+    def evaluate(self, func: Callable, name: str, args: tuple, kwargs: dict):
+        """One op under the stream's rules."""
         if name in RELU_OPS:
             return self.activation(name, args, kwargs)
         if name in UNSUPPORTED_ACTIVATIONS:
@@ -421,17 +439,22 @@ def run_stream(
     parameters: Mapping[str, torch.Tensor],
     buffers: Mapping[str, torch.Tensor],
     bn: str,
+    folding: FoldingRecorder | FoldingRunner | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One forward of ``model`` in ``state.stream``; returns the output's mantissa and
-    exponent. ``x`` is the stream's input in true scale."""
+    exponent. ``x`` is the stream's input in true scale. ``folding``: BatchNorms folded
+    into convolutions, or learned (:mod:`pxkern.px.folding`), over ``{**parameters,
+    **buffers}``."""
     # The official code records gates in eval mode, also when B and C use batch statistics.
     set_mode(model, batch_statistics=bn == "batch" and state.stream is not Stream.GATES)
     module_names = {m: name for name, m in model.named_modules()}
-    mode = StreamMode(state, module_names)
+    mode = StreamMode(state, module_names, folding)
     if not state.true_scale:
         x = state.exponents.start(x)
     with mode.tracking_modules(), mode:
         output = functional_call(model, {**parameters, **buffers}, (x,), tie_weights=True, strict=False)
+    if folding is not None:
+        folding.finish()
     if not isinstance(output, torch.Tensor):
         raise TypeError(
             f"{type(model).__name__} returned a {type(output).__name__}: PX scoring needs a "
@@ -454,16 +477,33 @@ def run_gates(
     parameters: Mapping[str, torch.Tensor],
     buffers: Mapping[str, torch.Tensor],
     block_sparse: dict[int, BlockSparseMatrix],
-) -> list[torch.Tensor]:
-    """Stream A's gates. A is first run as the model's own forward, in true scale and
-    without exponent bookkeeping on every op; if a ReLU input or the output leaves
+    plan: FoldPlan | None,
+) -> tuple[list[torch.Tensor], FoldPlan]:
+    """Stream A's gates, and the BatchNorm folding plan for this model.
+
+    A is first run as the model's own forward, in true scale and without exponent
+    bookkeeping on every op; if a ReLU input or the output leaves
     ``[2**-TRUE_SCALE_RANGE, 2**TRUE_SCALE_RANGE]`` (or is not finite), as in very deep
     nets whose activations shrink or grow layer after layer, A is run again with
-    power-of-two scaled values, which keep every gate exact at any depth."""
+    power-of-two scaled values, which keep every gate exact at any depth.
+
+    Eval BatchNorms fold into the convolutions before them as ``plan`` says; without a
+    plan, or if the forward no longer fits it, A runs unfolded and learns the plan
+    (:mod:`pxkern.px.folding`)."""
+    try:
+        return _gates(model, x, parameters, buffers, block_sparse, plan)
+    except FoldMismatch:
+        return _gates(model, x, parameters, buffers, block_sparse, None)
+
+
+def _gates(model, x, parameters, buffers, block_sparse, plan) -> tuple[list[torch.Tensor], FoldPlan]:
+    tensors = {**parameters, **buffers}
+    folding = new_folding(plan, tensors)
     state = StreamState(Stream.GATES, Exponents(), true_scale=True, block_sparse=block_sparse)
     try:
-        run_stream(model, state, x, parameters, buffers, "eval")
+        run_stream(model, state, x, parameters, buffers, "eval", folding)
     except _LeftTrueScale:
+        folding = new_folding(plan, tensors)
         state = StreamState(Stream.GATES, Exponents(), block_sparse=block_sparse)
-        run_stream(model, state, x, parameters, buffers, "eval")
-    return state.gates
+        run_stream(model, state, x, parameters, buffers, "eval", folding)
+    return state.gates, folding.result()
