@@ -19,7 +19,7 @@ import zoo
 from pxkern import px_scores
 from pxkern.ops.bsr_dense_mm import bsr_linear
 from pxkern.ops.bsr_px_scores import bsr_px_scores
-from pxkern.px import streams
+from pxkern.px import scores, streams
 from pxkern.px.streams import UnsupportedActivationError
 from pxkern.testing import assert_same_topk_masks, assert_scores_close, reference_px_scores
 
@@ -161,27 +161,49 @@ class _Scale(nn.Module):
         return x * self.factor
 
 
-@pytest.mark.parametrize("factor, reruns", [(1.0, False), (2.0**80, True), (2.0**-80, True)])
-def test_stream_a_leaves_true_scale_and_is_rerun_scaled(monkeypatch, factor, reruns):
-    # Stream A runs as the model's own forward unless a ReLU input or the output leaves
-    # [2**-64, 2**64]; here a layer scales its input by 2**+-80 in the middle of the net
-    # (float32 holds it, the output does not show it), so A must be rerun scaled, and the
-    # scores must still match the float64 reference.
+class _Float64Scale(nn.Module):
+    """Scales float64 values only: stream C (float64) sees the factor, float32 A and B not,
+    and the float64 reference computes the same function (it divides back later)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor if x.dtype == torch.float64 else x
+
+
+@pytest.mark.parametrize("scale, factor, a_reruns, c_reruns", [
+    (_Scale, 1.0, False, False),
+    (_Scale, 2.0**80, True, False),  # in float64's true-scale range (2**+-512)
+    (_Scale, 2.0**-80, True, False),
+    (_Float64Scale, 2.0**600, False, True),
+    (_Float64Scale, 2.0**-600, False, True),
+])
+def test_streams_a_and_c_leave_true_scale_and_are_rerun_scaled(monkeypatch, scale, factor, a_reruns, c_reruns):
+    # Streams A (float32) and C (float64) run without exponents unless a ReLU input or the
+    # output leaves [2**-r, 2**r] (r = 64 for float32, 512 for float64); here a layer in
+    # the middle of the net scales by a factor it later divides out (the output does not
+    # show it), so the stream must be rerun scaled, and the scores must still match the
+    # float64 reference. No biases: B's and C's constant terms would not be scaled, and
+    # R = <z1, z2> would then grow like factor**2 in the reference too.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), _Scale(factor), nn.Linear(8, 8), nn.ReLU(),
-                          _Scale(1 / factor), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), scale(factor),
+                          nn.Linear(8, 8, bias=False), nn.ReLU(), scale(1 / factor), nn.Linear(8, 3, bias=False))
     x = torch.randn(5, 6)
-    gate_runs = []
-    real_run_stream = streams.run_stream
+    runs = {streams.Stream.GATES: [], streams.Stream.KERNEL: []}
 
-    def counting(model, state, *args, **kwargs):
-        if state.stream is streams.Stream.GATES:
-            gate_runs.append(state.true_scale)
-        return real_run_stream(model, state, *args, **kwargs)
+    def counting(real_run_stream):
+        def run_stream(model, state, *args, **kwargs):
+            runs.get(state.stream, []).append(state.true_scale)
+            return real_run_stream(model, state, *args, **kwargs)
+        return run_stream
 
-    monkeypatch.setattr(streams, "run_stream", counting)
+    monkeypatch.setattr(streams, "run_stream", counting(streams.run_stream))
+    monkeypatch.setattr(scores, "run_stream", counting(scores.run_stream))
     actual = px_scores(model, x)
-    assert gate_runs == ([True, False] if reruns else [True])
+    assert runs[streams.Stream.GATES] == ([True, False] if a_reruns else [True])
+    assert runs[streams.Stream.KERNEL] == ([True, False] if c_reruns else [True])
     assert_scores_close(actual, reference_px_scores(model, x))
 
 

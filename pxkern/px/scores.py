@@ -26,8 +26,10 @@ from pxkern.px.folding import FoldMismatch, new_folding, plan_for, remember_plan
 from pxkern.px.fused import FusedPlan, UnsupportedByPlan, build_plan
 from pxkern.px.streams import (
     KERNEL_DTYPE,
+    LeftTrueScale,
     Stream,
     StreamState,
+    check_true_scale,
     kept_parameter_names,
     run_gates,
     run_stream,
@@ -119,20 +121,36 @@ def px_scores(
                 z1, exponent = _run_paths(model, paths, x * x, parameters, buffers, bn, plan)
                 v.add(z1.sum(0), exponent)
         remember_plan(model, plan)
-        with torch.enable_grad():
-            # One sample is exact (every sample of C's input is the same); BatchNorm with
-            # batch statistics needs two values per channel, and identical samples give
-            # the same statistics.
-            copies = 2 if bn == "batch" else 1
-            ones = torch.ones((copies, *batches.sample_shape), dtype=KERNEL_DTYPE, device=device)
-            # C's input requires grad so that every block-sparse layer's backward runs,
-            # also one with no dense leaf before it.
-            ones.requires_grad_()
-            kernel = StreamState(Stream.KERNEL, Exponents(), kernel_layers=parameters.kernel_layers)
-            kernel_buffers = _stream_buffers(model, weights, bn, KERNEL_DTYPE)
-            z2, _ = run_stream(model, kernel, ones, parameters.kernel, kernel_buffers, bn)
-    scores = _scores_from_kernel(z2, ones, v, parameters.kernel_weights, weights, mask_values)
+        kernel_buffers = _stream_buffers(model, weights, bn, KERNEL_DTYPE)
+        try:
+            scores = _kernel_scores(model, batches.sample_shape, parameters, kernel_buffers, v, weights,
+                                    mask_values, bn, true_scale=True)
+        except LeftTrueScale:
+            scores = _kernel_scores(model, batches.sample_shape, parameters, kernel_buffers, v, weights,
+                                    mask_values, bn, true_scale=False)
     return _finished(scores, block, mask_values)
+
+
+def _kernel_scores(model: nn.Module, sample_shape: torch.Size, parameters, buffers, v: ScaledSum,
+                   weights, masks, bn: str, true_scale: bool) -> dict[str, torch.Tensor]:
+    """Stream C on one all-ones sample, then the scores from its vector-Jacobian product
+    with ``v``. In true scale (float64, no exponent bookkeeping on every op), a value or a
+    gradient outside ``TRUE_SCALE_RANGE`` raises LeftTrueScale: the caller runs C again
+    with power-of-two exponents, as for stream A (``run_gates``)."""
+    with torch.enable_grad():
+        # One sample is exact (every sample of C's input is the same); BatchNorm with
+        # batch statistics needs two values per channel, and identical samples give
+        # the same statistics.
+        copies = 2 if bn == "batch" else 1
+        device = weights[0].param.device
+        ones = torch.ones((copies, *sample_shape), dtype=KERNEL_DTYPE, device=device)
+        # C's input requires grad so that every block-sparse layer's backward runs,
+        # also one with no dense leaf before it.
+        ones.requires_grad_()
+        kernel = StreamState(Stream.KERNEL, Exponents(), kernel_layers=parameters.kernel_layers,
+                             true_scale=true_scale)
+        z2, _ = run_stream(model, kernel, ones, parameters.kernel, buffers, bn)
+    return _scores_from_kernel(z2, ones, v, parameters.kernel_weights, weights, masks, true_scale)
 
 
 def _run_paths(model: nn.Module, state: StreamState, x: torch.Tensor, parameters, buffers, bn: str,
@@ -213,11 +231,15 @@ def _stream_buffers(model: nn.Module, weights, bn: str, dtype: torch.dtype) -> d
     return buffers
 
 
-def _largest_exponent(tensors: Iterable[torch.Tensor]) -> int:
-    """The exponent ``e`` of the largest magnitude among ``tensors`` (in ``[2**(e-1),
-    2**e)``): multiplying by ``2**-e`` brings it to 1 before a float32 cast."""
-    largest = max((float(max(-low, high)) for low, high in map(torch.aminmax, filter(torch.numel, tensors))),
-                  default=0.0)
+def _largest_magnitude(tensors: Iterable[torch.Tensor]) -> float:
+    """The largest magnitude among ``tensors`` (0 if they are empty)."""
+    return max((float(max(-low, high)) for low, high in map(torch.aminmax, filter(torch.numel, tensors))),
+               default=0.0)
+
+
+def _exponent(largest: float) -> int:
+    """The exponent ``e`` of a largest magnitude (in ``[2**(e-1), 2**e)``): multiplying by
+    ``2**-e`` brings it to 1 before a float32 cast."""
     if not math.isfinite(largest):
         raise FloatingPointError("PX gradients are not finite; please report this model")
     return math.frexp(largest)[1] if largest > 0 else 0
@@ -225,18 +247,20 @@ def _largest_exponent(tensors: Iterable[torch.Tensor]) -> int:
 
 def _float32_scores(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Float64 scores up to a global factor, as float32 with the largest equal to 1."""
-    scale = math.ldexp(1.0, -_largest_exponent(raw.values()))
+    scale = math.ldexp(1.0, -_exponent(_largest_magnitude(raw.values())))
     return _divided_by_largest({name: (s * scale).float() for name, s in raw.items()})
 
 
-def _scores_from_kernel(z2, kernel_input, v, kernel_weights, weights, masks) -> dict[str, torch.Tensor]:
+def _scores_from_kernel(z2, kernel_input, v, kernel_weights, weights, masks,
+                        true_scale: bool) -> dict[str, torch.Tensor]:
     """``S_l = |dR/dP_l| * W_l**2`` (masked), normalized so that the largest is 1.
 
     The float64 gradients are rescaled by one power of two and cast to float32 before the
     weight-sized products: their cancellations are resolved by then, and float64
     temporaries of every weight would cost more than stream C itself on VGGs.
     Block-sparse layers (:class:`~pxkern.px.streams.BlockSparseKernelLayer`) leave their
-    float64 scores at the stored blocks instead of a gradient.
+    float64 scores at the stored blocks instead of a gradient. With ``true_scale`` (C ran
+    without exponents), gradients outside ``TRUE_SCALE_RANGE`` raise LeftTrueScale.
     """
     cotangent = v.direction().to(z2.dtype).expand_as(z2) / z2.shape[0]
     dense = [w for w in weights if isinstance(kernel_weights[w.name], torch.Tensor)]
@@ -247,7 +271,10 @@ def _scores_from_kernel(z2, kernel_input, v, kernel_weights, weights, masks) -> 
     block_scores = [layer.scores for layer in layers.values() if layer.scores is not None]
     # The power of two is skipped (a weight-sized pass) when the gradients fit float32
     # comfortably anyway. Block scores (|G| * W**2) bound the same range.
-    exponent = _largest_exponent([*grads, *block_scores])
+    largest = _largest_magnitude([*grads, *block_scores])
+    if true_scale:
+        check_true_scale(largest, KERNEL_DTYPE)
+    exponent = _exponent(largest)
     scale = math.ldexp(1.0, -exponent) if abs(exponent) > 64 else 1.0
     scores = {name: (layer.dense_scores() * scale).float() if layer.scores is not None
               else torch.zeros(layer.weight.shape, device=layer.weight.device)

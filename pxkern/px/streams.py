@@ -60,10 +60,11 @@ UNSUPPORTED_ACTIVATIONS = frozenset(
 # float64 C 1e-7), and C costs one sample, so float64 is nearly free.
 KERNEL_DTYPE = torch.float64
 
-# Stream A runs in true scale while the magnitude of every ReLU input and of the output
-# stays in [2**-TRUE_SCALE_RANGE, 2**TRUE_SCALE_RANGE]: far from float32's limits (2**+-126)
-# for the ops between two ReLUs, and never left by ordinary networks.
-TRUE_SCALE_RANGE = 64
+# Streams A and C run in true scale while the magnitude of every ReLU input and of the
+# output stays in [2**-r, 2**r] with r = TRUE_SCALE_RANGE[dtype]: far from the dtype's
+# limits (2**+-126 for float32, 2**+-1022 for float64) for the ops between two ReLUs, and
+# never left by ordinary networks.
+TRUE_SCALE_RANGE = {torch.float32: 64, torch.float64: 512}
 
 
 class Stream(enum.Enum):
@@ -76,14 +77,19 @@ class UnsupportedActivationError(TypeError):
     """The model uses an activation outside the ReLU family, which PX does not define."""
 
 
-class _LeftTrueScale(ArithmeticError):
-    """A value of stream A run in true scale left the safe range (TRUE_SCALE_RANGE)."""
+class LeftTrueScale(ArithmeticError):
+    """A value of a stream run in true scale left the safe range (TRUE_SCALE_RANGE)."""
 
 
-def _check_true_scale(peak: float) -> None:
-    """Raises _LeftTrueScale unless ``peak`` (a largest magnitude) is 0 or in range."""
-    if not math.isfinite(peak) or (peak > 0 and abs(math.frexp(peak)[1]) > TRUE_SCALE_RANGE):
-        raise _LeftTrueScale()
+def check_true_scale(peak: float, dtype: torch.dtype) -> None:
+    """Raises LeftTrueScale unless ``peak`` (a largest magnitude) is 0 or in the range of
+    ``dtype``."""
+    if not math.isfinite(peak) or (peak > 0 and abs(math.frexp(peak)[1]) > TRUE_SCALE_RANGE[dtype]):
+        raise LeftTrueScale()
+
+
+def _peak(t: torch.Tensor) -> float:
+    return float(t.detach().abs().max()) if t.numel() else 0.0
 
 
 @dataclass
@@ -279,11 +285,13 @@ class StreamMode(TorchFunctionMode):
         exponent = exponents.of(x)
         stream = self.state.stream
         if stream is Stream.KERNEL:
+            if self.state.true_scale:
+                check_true_scale(_peak(x), x.dtype)
             return x
         if stream is Stream.GATES:
             y, gate, peak = relu_gate(x, slope, inplace)
             if self.state.true_scale:
-                _check_true_scale(peak)
+                check_true_scale(peak, x.dtype)
             self.state.gates.append(gate)
         else:
             # Each gate is read once: writing the product into it spares an allocation
@@ -461,7 +469,7 @@ def run_stream(
             f"model whose forward returns one tensor"
         )
     if state.true_scale:
-        _check_true_scale(float(output.detach().abs().max()) if output.numel() else 0.0)
+        check_true_scale(_peak(output), output.dtype)
     if state.stream is Stream.PATHS and mode.relu_calls != len(state.gates):
         raise RuntimeError(
             f"stream B made {mode.relu_calls} ReLU calls, stream A {len(state.gates)}: PX needs "
@@ -483,7 +491,7 @@ def run_gates(
 
     A is first run as the model's own forward, in true scale and without exponent
     bookkeeping on every op; if a ReLU input or the output leaves
-    ``[2**-TRUE_SCALE_RANGE, 2**TRUE_SCALE_RANGE]`` (or is not finite), as in very deep
+    ``TRUE_SCALE_RANGE`` (or is not finite), as in very deep
     nets whose activations shrink or grow layer after layer, A is run again with
     power-of-two scaled values, which keep every gate exact at any depth.
 
@@ -502,7 +510,7 @@ def _gates(model, x, parameters, buffers, block_sparse, plan) -> tuple[list[torc
     state = StreamState(Stream.GATES, Exponents(), true_scale=True, block_sparse=block_sparse)
     try:
         run_stream(model, state, x, parameters, buffers, "eval", folding)
-    except _LeftTrueScale:
+    except LeftTrueScale:
         folding = new_folding(plan, tensors)
         state = StreamState(Stream.GATES, Exponents(), block_sparse=block_sparse)
         run_stream(model, state, x, parameters, buffers, "eval", folding)
