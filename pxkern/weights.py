@@ -39,8 +39,13 @@ def _join(prefix: str, name: str) -> str:
 
 
 def prunable_weights(model: nn.Module) -> list[PrunableWeight]:
-    """The prunable weights of ``model`` in module order."""
+    """The prunable weights of ``model`` in module order.
+
+    Raises NotImplementedError for a weight tensor shared by two modules (tied weights):
+    a mask put on one module by ``torch.nn.utils.prune`` would not reach the other, so
+    such a weight has no single meaning as a prunable weight."""
     found = []
+    owners: dict[int, str] = {}
     for module_name, module in model.named_modules():
         if not isinstance(module, PRUNABLE_TYPES):
             continue
@@ -49,6 +54,13 @@ def prunable_weights(model: nn.Module) -> list[PrunableWeight]:
         param = module._parameters.get(local)
         if param is None:
             continue
+        owner = owners.setdefault(id(param), module_name)
+        if owner != module_name:
+            raise NotImplementedError(
+                f"modules '{owner}' and '{module_name}' share one weight tensor (tied "
+                f"weights): pxkern scores and prunes weights that belong to one module; "
+                f"untie them (e.g. clone the weight) to score the model"
+            )
         found.append(
             PrunableWeight(
                 name=_join(module_name, "weight"),

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import zoo
-from pxkern import px_scores
+from pxkern import prune, px_scores
 from pxkern.ops.bsr_dense_mm import bsr_linear
 from pxkern.ops.bsr_px_scores import bsr_px_scores
 from pxkern.px import scores, streams
@@ -263,6 +263,23 @@ def test_bad_arguments():
         px_scores(nn.Sequential(nn.ReLU()), x)
     with pytest.raises(TypeError, match="one tensor"):
         px_scores(_TupleOutput(), torch.randn(2, 4))
+
+
+class _TiedLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("call", [lambda m, x: px_scores(m, x),
+                                  lambda m, x: prune(m, x, density=0.5, rounds=2, progress=False)])
+def test_tied_weights_are_refused_by_name(call):
+    with pytest.raises(NotImplementedError, match="'a' and 'b' share one weight tensor"):
+        call(_TiedLinears(), torch.randn(4, 6))
 
 
 class _TupleOutput(nn.Module):
