@@ -19,8 +19,8 @@ def _input_of(item: Any, index: int) -> torch.Tensor:
 
 def iter_batches(data: torch.Tensor | Iterable[Any], device: torch.device) -> Iterator[torch.Tensor]:
     """Yield the input batches of ``data``: one tensor (a batch ``B x ...``), or an
-    iterable of tensors or ``(x, y)`` pairs. Raises on empty data, non-floating inputs
-    and inputs on another device than the model."""
+    iterable of tensors or ``(x, y)`` pairs. Raises on empty data, non-floating or
+    non-finite inputs and inputs on another device than the model."""
     items = [data] if isinstance(data, torch.Tensor) else data
     count = 0
     for index, item in enumerate(items):
@@ -33,6 +33,8 @@ def iter_batches(data: torch.Tensor | Iterable[Any], device: torch.device) -> It
             )
         if x.device != device:
             raise ValueError(f"data batch {index} is on {x.device}, the model on {device}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"data batch {index} contains NaN or infinite values")
         count += 1
         yield x
     if count == 0:

@@ -240,11 +240,22 @@ def test_unsupported_activations_are_named(factory, fragment):
     (torch.zeros(0, 20), ValueError, "non-empty"),
     ([torch.zeros(2, 20), torch.zeros(2, 21)], ValueError, "sample shape"),
     (["not a tensor"], TypeError, "tensor"),
+    ([torch.zeros(2, 20), torch.full((2, 20), float("nan"))], ValueError, "batch 1 contains NaN or infinite"),
+    (torch.full((2, 20), float("inf")), ValueError, "batch 0 contains NaN or infinite"),
 ])
 def test_bad_data(data, error, fragment):
     model, _ = zoo.mlp()
     with pytest.raises(error, match=fragment):
         px_scores(model, data)
+
+
+@pytest.mark.parametrize("kind, name", [("parameter", "0.weight"), ("buffer", "1.running_var")])
+def test_non_finite_model_values_are_named(kind, name):
+    model = nn.Sequential(nn.Linear(20, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        dict(getattr(model, f"named_{kind}s")())[name][0] = float("nan")
+    with pytest.raises(ValueError, match=f"model {kind} '{name}' contains NaN or infinite"):
+        px_scores(model, torch.randn(4, 20))
 
 
 def test_bad_arguments():

@@ -44,6 +44,12 @@ def _validate(model: nn.Module, bn: str, dtype: torch.dtype) -> None:
     check_bn_mode(bn)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    # A NaN weight or running statistic would surface as a non-finite stream value deep
+    # in the streams; name it instead.
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"model {kind} '{name}' contains NaN or infinite values")
 
 
 def px_scores(
