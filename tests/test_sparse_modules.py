@@ -151,6 +151,9 @@ def test_sparsify_formats_and_choices():
     assert all("measured" in d.reason for d in measured if d.block is not None)
     with pytest.raises(ValueError, match="format"):
         sparsify(model, format="csr")
+    for block in ((0, 4), (8,), (8.0, 8)):
+        with pytest.raises(ValueError, match="block must be a pair of positive ints"):
+            sparsify(model, block=block)
 
 
 def test_sparsify_torch_pruned_model_and_undividable_layers():

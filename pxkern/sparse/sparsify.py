@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from pxkern.pruning.blocks import check_block
 from pxkern.sparse.format import BlockSparseMatrix, nonzero_blocks
 from pxkern.sparse.modules import BlockSparseConv2d, BlockSparseLinear
 
@@ -137,6 +138,8 @@ def sparsify(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if block is not None:
+        check_block(block)
     if example_input is not None and format != "auto":
         raise ValueError("example_input is only used by format='auto'")
     shapes = _input_shapes(model, example_input) if example_input is not None else {}
