@@ -190,6 +190,8 @@ def test_scores_of_the_pruned_model_see_its_masks():
         (dict(density=0.5, method="l1"), ValueError, "unknown pruning method 'l1': supported are"),
         (dict(density=0.5, rounds=0), ValueError, "rounds must be >= 1"),
         (dict(density=0.5, method="magnitude", bn="eval"), TypeError, "does not take option"),
+        (dict(density=0.5, bnn="eval"), TypeError,
+         r"method 'px' does not take option\(s\) \['bnn'\]; its options are \['bn', 'keep', 'dtype', 'backend'\]"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

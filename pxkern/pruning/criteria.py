@@ -23,7 +23,7 @@ including its normalizations (a positive constant, which changes no ranking).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -112,13 +112,15 @@ def _finish(
 # The criteria
 
 
-def px(model: nn.Module, data: Any, masks: Masks = None, **options: Any) -> Scores:
-    """PX scores (:func:`pxkern.px.scores.px_scores`); ``options`` go to it (``bn``, ``keep``)."""
+def px(model: nn.Module, data: Any, masks: Masks = None, *, bn: str = "eval",
+       keep: Iterable[str] | None = None, dtype: torch.dtype = torch.float32,
+       backend: str | None = None) -> Scores:
+    """PX scores (:func:`pxkern.px.scores.px_scores`, whose options these are)."""
     # Imported on use: the other criteria do not depend on the PX implementation, and
     # pxkern.px stays free to use pxkern.pruning without an import cycle.
     from pxkern.px.scores import px_scores
 
-    return px_scores(model, data, masks=masks, **options)
+    return px_scores(model, data, masks=masks, bn=bn, keep=keep, dtype=dtype, backend=backend)
 
 
 def magnitude(model: nn.Module, data: Any = None, masks: Masks = None) -> Scores:
@@ -276,9 +278,6 @@ def _keyword_options(criterion: Criterion) -> list[str]:
 
 
 def _check_options(method: str, criterion: Criterion, options: Mapping[str, Any]) -> None:
-    parameters = inspect.signature(criterion).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return  # forwarded; the callee validates them
     accepted = _keyword_options(criterion)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
