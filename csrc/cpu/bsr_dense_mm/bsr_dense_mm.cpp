@@ -29,12 +29,14 @@ at::Tensor check_bias(const char* op, const std::optional<at::Tensor>& bias, int
 // Which product: y [M, N] = W x for x [K, N], or y [B, M] = x W^T for x [B, K].
 enum class Layout { kDenseMm, kLinear };
 
-// Checks the arguments of either op, allocates y and runs the core.
-at::Tensor bsr_product_cpu(Layout layout, const at::Tensor& values, const at::Tensor& row_offsets,
+// Either op (registered once per layout): checks the arguments, allocates y and runs the
+// core.
+template <Layout kLayout>
+at::Tensor bsr_product_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
                            const at::Tensor& column_indices, at::IntArrayRef shape,
                            const at::Tensor& x, const std::optional<at::Tensor>& bias_in,
                            bool square_weight) {
-  const bool mm = layout == Layout::kDenseMm;
+  constexpr bool mm = kLayout == Layout::kDenseMm;
   const char* op = mm ? "bsr_dense_mm" : "bsr_linear";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D ", mm ? "[K, N]" : "[B, K]", ", got shape ",
               x.sizes());
@@ -60,25 +62,9 @@ at::Tensor bsr_product_cpu(Layout layout, const at::Tensor& values, const at::Te
 
 }  // namespace
 
-at::Tensor bsr_dense_mm_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
-                            const at::Tensor& column_indices, at::IntArrayRef shape,
-                            const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                            bool square_weight) {
-  return bsr_product_cpu(Layout::kDenseMm, values, row_offsets, column_indices, shape, x, bias,
-                         square_weight);
-}
-
-at::Tensor bsr_linear_cpu(const at::Tensor& values, const at::Tensor& row_offsets,
-                          const at::Tensor& column_indices, at::IntArrayRef shape,
-                          const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                          bool square_weight) {
-  return bsr_product_cpu(Layout::kLinear, values, row_offsets, column_indices, shape, x, bias,
-                         square_weight);
-}
-
 TORCH_LIBRARY_IMPL(pxkern, CPU, m) {
-  m.impl("bsr_dense_mm", &bsr_dense_mm_cpu);
-  m.impl("bsr_linear", &bsr_linear_cpu);
+  m.impl("bsr_dense_mm", &bsr_product_cpu<Layout::kDenseMm>);
+  m.impl("bsr_linear", &bsr_product_cpu<Layout::kLinear>);
 }
 
 }  // namespace pxkern
