@@ -27,10 +27,10 @@ density 0.05 the headline product does 107 MFLOP but moves x and y, 4 MB, throug
 memory. Batch-64 cases are always timed cold: their operands (x alone is 38 MB for
 vit.fc1) do not fit in cache anyway.
 
-They all allocate their output
-from pxkern's pool of large CPU blocks (pxkern.memory), so that none pays first-touch page
-faults for it: for a 2048x256 float32 output those cost ~0.15 ms per call on this VM,
-nothing to the dense product but 10-20% of a sparse one at block density 0.05.
+They all allocate their output from pxkern's pool of large CPU blocks (pxkern.memory), so
+that none pays first-touch page faults for it: for a 2048x256 float32 output those cost
+~0.15 ms per call on this VM, nothing to the dense product but 10-20% of a sparse one at
+block density 0.05.
 
   dense      torch.mm(W, X) on the dense W (MKL), the time a dense kernel spends on W
   ideal      density * dense: what skipping the zero blocks would save at dense speed

@@ -134,6 +134,9 @@ class _Watched:
     def add(self, tensor: torch.Tensor, value: Any) -> None:
         self.entries[id(tensor)] = (weakref.ref(tensor), value)
 
+    def remove(self, tensor: torch.Tensor) -> None:
+        del self.entries[id(tensor)]
+
     def find(self, tensor: torch.Tensor) -> Any | None:
         entry = self.entries.get(id(tensor))
         if entry is None or entry[0]() is not tensor:
@@ -226,7 +229,7 @@ class FoldingRunner:
             bound = _bound(_BATCH_NORM_ARGUMENTS, args, kwargs) if name == "batch_norm" else {}
             if bound.get("input") is not tensor or not self._same_norm(norm, bound):
                 raise FoldMismatch(f"`{name}` uses a convolution output the plan folds into a BatchNorm")
-            self.pending.entries.pop(id(tensor))
+            self.pending.remove(tensor)
             self.done.add(tensor, True)
             return tensor
         return None

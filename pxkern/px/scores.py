@@ -22,7 +22,7 @@ from pxkern.evaluation import batchnorm_buffer_copies, check_bn_mode, model_stat
 from pxkern.memory import reused_cpu_memory
 from pxkern.px.scaled import Exponents, ScaledSum, stream_layout
 from pxkern.pruning.blocks import block_mean_scores, check_block
-from pxkern.px.folding import FoldMismatch, new_folding, plan_for, remember_plan
+from pxkern.px.folding import FoldMismatch, FoldPlan, new_folding, plan_for, remember_plan
 from pxkern.px.fused import FusedPlan, UnsupportedByPlan, build_plan
 from pxkern.px.streams import (
     KERNEL_DTYPE,
@@ -118,15 +118,16 @@ def px_scores(
         parameters = stream_parameters(model, weights, mask_values, kept, dtype)
         buffers = _stream_buffers(model, weights, bn, dtype)
         v = ScaledSum()
-        plan = plan_for(model)
+        fold_plan = plan_for(model)
         with torch.no_grad():
             for x in batches:
-                gates, plan = run_gates(model, x, parameters.gates, buffers, parameters.block_sparse, plan)
+                gates, fold_plan = run_gates(model, x, parameters.gates, buffers, parameters.block_sparse,
+                                             fold_plan)
                 paths = StreamState(Stream.PATHS, Exponents(), gates, parameters.ones_weights,
                                     parameters.block_sparse)
-                z1, exponent = _run_paths(model, paths, x * x, parameters, buffers, bn, plan)
+                z1, exponent = _run_paths(model, paths, x * x, parameters, buffers, bn, fold_plan)
                 v.add(z1.sum(0), exponent)
-        remember_plan(model, plan)
+        remember_plan(model, fold_plan)
         kernel_buffers = _stream_buffers(model, weights, bn, KERNEL_DTYPE)
         try:
             scores = _kernel_scores(model, batches.sample_shape, parameters, kernel_buffers, v, weights,
@@ -160,12 +161,12 @@ def _kernel_scores(model: nn.Module, sample_shape: torch.Size, parameters, buffe
 
 
 def _run_paths(model: nn.Module, state: StreamState, x: torch.Tensor, parameters, buffers, bn: str,
-               plan) -> tuple[torch.Tensor, int]:
+               fold_plan: FoldPlan) -> tuple[torch.Tensor, int]:
     """Stream B, with the BatchNorms A folded (in eval mode; B's all-ones weights stay
     box filters). A followed the plan on the same forward, so a mismatch here means the
     forward's structure depends on parameter values; B cannot rerun, its gates are spent."""
     tensors = {**parameters.paths, **buffers}
-    folding = new_folding(plan, tensors, frozenset(parameters.ones_weights)) if bn == "eval" else None
+    folding = new_folding(fold_plan, tensors, frozenset(parameters.ones_weights)) if bn == "eval" else None
     try:
         return run_stream(model, state, x, parameters.paths, buffers, bn, folding)
     except FoldMismatch as mismatch:

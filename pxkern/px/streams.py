@@ -6,9 +6,10 @@ substituted parameters, under a ``TorchFunctionMode`` that
   ``torch.relu``, ``Tensor.relu``, ``relu_``, ...) and applies the stream's rule: A records
   the gate ``input > 0``, B multiplies by the recorded gate, C is the identity;
 - refuses activations the method does not cover, naming the module that calls them;
-- carries every value of streams B and C as a power-of-two scaled mantissa
-  (``scaled.py``); stream A, whose gates are all the others use, is the model's own
-  forward in true scale unless a value leaves a safe range (``run_gates``);
+- carries every value of stream B as a power-of-two scaled mantissa (``scaled.py``);
+  streams A (the model's own forward, whose gates are all the others use) and C (float64)
+  run in true scale unless a value leaves a safe range (``run_gates``, and C in
+  :mod:`pxkern.px.scores`), and are then run again scaled;
 - routes convolutions and linear layers of streams A and B to cheaper kernels where the
   weight's structure allows (all-ones weights of B, pruned weights of later rounds; see
   ``kernel_for``).
@@ -106,7 +107,7 @@ class StreamState:
     block_sparse: dict[int, BlockSparseMatrix] = field(default_factory=dict)
     # ids of C's stand-in weights of those layers -> their block-sparse C layer
     kernel_layers: dict[int, BlockSparseKernelLayer] = field(default_factory=dict)
-    # Stream A only: run in true scale, with no exponents (see run_gates).
+    # Streams A and C: run in true scale, with no exponents (see TRUE_SCALE_RANGE).
     true_scale: bool = False
 
 
