@@ -123,6 +123,9 @@ int main() {
       {64, 64, 16, 16, 24, 0.0, true},
       {64, 64, 16, 16, 24, 0.0, false},
       {256, 256, 32, 32, 64, 0.1, true},
+      // Rows of 36 blocks: bsr_dense_mm sums them in 4 chunks (kChunkBytes), tiles after
+      // the first starting from y.
+      {64, 1152, 32, 32, 40, 1.0, true},
       // Enough blocks per block column for bsr_dense_mm to pack x (kMinPanelReuse), with a
       // partial last panel; the second needs a larger workspace than the first.
       {256, 64, 8, 16, 53, 0.9, true},
