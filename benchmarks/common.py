@@ -25,10 +25,11 @@ def median_seconds(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) 
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5,
-                        warm_calls: int = 0) -> dict[str, float]:
-    """Median wall time of each function, the functions run in turn within every repeat:
-    on a shared machine whose speed drifts, each ratio then compares like with like.
+def interleaved_times(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5,
+                      warm_calls: int = 0) -> dict[str, list[float]]:
+    """Wall times of each function over ``repeats`` rounds, the functions run in turn within
+    every round: on a shared machine whose speed drifts, each ratio then compares like
+    with like.
 
     ``warm_calls=0``: each turn times one call, made right after the other functions'
     calls, so its operands come from memory (cold caches). ``warm_calls=n``: each turn
@@ -49,6 +50,13 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, r
             for _ in range(calls):
                 fn()
             times[name].append((time.perf_counter() - start) / calls)
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5,
+                        warm_calls: int = 0) -> dict[str, float]:
+    """Median wall time of each function, timed as by ``interleaved_times``."""
+    times = interleaved_times(fns, warmup, repeats, warm_calls)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
