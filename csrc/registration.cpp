@@ -20,7 +20,8 @@ TORCH_LIBRARY(pxkern, m) {
       "Tensor x, Tensor? bias, bool square_weight=False) -> Tensor");
   m.def(
       "bsr_linear(Tensor values, Tensor row_offsets, Tensor column_indices, int[2] shape, "
-      "Tensor x, Tensor? bias, bool square_weight=False) -> Tensor");
+      "Tensor x, Tensor? bias, bool square_weight=False, Tensor? transposed_blocks=None) "
+      "-> Tensor");
   m.def("reuse_cpu_memory(bool enable) -> ()");
   m.def("relu_gate(Tensor x, float negative_slope, Tensor(a!) y) -> (Tensor, Tensor)");
   m.def(

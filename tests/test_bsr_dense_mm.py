@@ -208,16 +208,50 @@ def test_bad_input_registered_op(op, kwargs, message):
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("square_weight", [False, True])
+@pytest.mark.parametrize("m,k,bm,bn", [(96, 160, 16, 32), (64, 128, 32, 16), (128, 128, 64, 64)])
+def test_bsr_linear_with_kept_transposed_blocks(isa, dtype, square_weight, m, k, bm, bn):
+    """The blocks transposed by the caller (as BlockSparseLinear keeps them) give the
+    product of W, not of whatever the kernel's own transposition would."""
+    values, offsets, columns, dense = random_bsr(m, k, bm, bn, 0.4, dtype)
+    x, bias = random_operands(m, k, 29, dtype)
+    x_rows = x.t().contiguous()
+    weight = dense.square() if square_weight else dense
+    expected = x_rows.double() @ weight.t() + bias.double()
+    blocks = values.transpose(1, 2).contiguous()
+    actual = bsr_linear(values, offsets, columns, (m, k), x_rows, bias, square_weight, transposed_blocks=blocks)
+    assert_close_to_reference(actual, expected, dtype, f"bsr_linear {m}x{k} block={bm}x{bn} kept blocks")
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "blocks, message",
+    [
+        (torch.zeros(2, 16, 32), "transposed_blocks must have shape \\[nnz_blocks, bn, bm\\] = \\[2, 16, 16\\]"),
+        (torch.zeros(2, 16, 16, dtype=torch.float64), "transposed_blocks must be a CPU tensor of dtype Float"),
+        (torch.zeros(2, 16, 32)[:, :, :16], "transposed_blocks must be contiguous"),
+    ],
+)
+def test_bad_transposed_blocks(blocks, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pxkern.bsr_linear(torch.zeros(2, 16, 16), torch.tensor([0, 1, 2], dtype=torch.int32),
+                                    torch.tensor([0, 1], dtype=torch.int32), [32, 32], torch.zeros(3, 32),
+                                    None, False, blocks)
+
+
+@needs_extension
 @pytest.mark.parametrize("op", ["bsr_dense_mm", "bsr_linear"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_opcheck(op, with_bias):
     values, offsets, columns, _ = random_bsr(64, 96, 16, 32, 0.4, torch.float32)
     x, bias = random_operands(64, 96, 11, torch.float32)
     x = x if op == "bsr_dense_mm" else x.t().contiguous()
-    torch.library.opcheck(
-        getattr(torch.ops.pxkern, op).default,
-        (values, offsets, columns, [64, 96], x, bias if with_bias else None),
-    )
+    args = (values, offsets, columns, [64, 96], x, bias if with_bias else None)
+    torch.library.opcheck(getattr(torch.ops.pxkern, op).default, args)
+    if op == "bsr_linear":
+        blocks = values.transpose(1, 2).contiguous()
+        torch.library.opcheck(torch.ops.pxkern.bsr_linear.default, (*args, False, blocks))
 
 
 def test_pure_pytorch_fallback_when_disabled():
@@ -241,8 +275,9 @@ def test_pure_pytorch_fallback_when_disabled():
     assert result.returncode == 0, result.stderr
 
 
-def _differentiable_product(op: str, backend: str, square_weight: bool):
-    """A small float64 product with its inputs (values, x, bias) requiring grad."""
+def _differentiable_product(op: str, backend: str, square_weight: bool, kept_blocks: bool = False):
+    """A small float64 product with its inputs (values, x, bias) requiring grad;
+    kept_blocks: bsr_linear is also given the transposed blocks, made from values."""
     from pxkern.sparse.format import BlockSparseMatrix
 
     generator = torch.Generator().manual_seed(0)
@@ -260,8 +295,9 @@ def _differentiable_product(op: str, backend: str, square_weight: bool):
         function = bsr_dense_mm
 
     def product(values, x, bias):
+        extra = {"transposed_blocks": values.transpose(1, 2).contiguous()} if kept_blocks else {}
         return function(values, matrix.row_offsets, matrix.column_indices, [32, 48], x, bias,
-                        square_weight, backend=backend)
+                        square_weight, backend=backend, **extra)
 
     return product, (values, x, bias)
 
@@ -275,6 +311,13 @@ def test_gradients_match_finite_differences(op, square_weight, backend):
     if backend == "cpp" and not EXTENSION_AVAILABLE:
         pytest.skip("the C++ backend needs the pxkern._C extension")
     product, inputs = _differentiable_product(op, backend, square_weight)
+    assert torch.autograd.gradcheck(product, inputs)
+
+
+@needs_extension
+@pytest.mark.parametrize("square_weight", [False, True])
+def test_bsr_linear_gradients_with_kept_transposed_blocks(square_weight):
+    product, inputs = _differentiable_product("bsr_linear", "cpp", square_weight, kept_blocks=True)
     assert torch.autograd.gradcheck(product, inputs)
 
 

@@ -45,6 +45,38 @@ def test_block_sparse_linear(bias, shape, block, batch, density):
     assert_close_to(sparse(x), expected)
 
 
+def test_block_sparse_linear_follows_changes_to_its_values():
+    """The transposed blocks the layer keeps are made again when values change in place,
+    are replaced by a state dict of another sparsity, or are converted; made once
+    otherwise."""
+    torch.manual_seed(0)
+    linears = [nn.Linear(64, 32), nn.Linear(64, 32)]
+    with torch.no_grad():
+        for i, linear in enumerate(linears):
+            linear.weight.copy_(block_pruned(linear.weight, (16, 16), 0.5, seed=i))
+    sparse = BlockSparseLinear.from_linear(linears[0], (16, 16))
+    x = torch.randn(5, 64)
+
+    def expected(linear: nn.Linear, weight_scale: float = 1.0) -> torch.Tensor:
+        return F.linear(x.double(), weight_scale * linear.weight.double(), linear.bias.double())
+
+    assert_close_to(sparse(x), expected(linears[0]))
+    assert sparse._transposed() is sparse._transposed()
+    with torch.no_grad():
+        sparse.values.mul_(2)
+    assert_close_to(sparse(x), expected(linears[0], 2.0))
+    other = BlockSparseLinear.from_linear(linears[1], (16, 16))
+    assert other.values.shape != sparse.values.shape
+    sparse.load_state_dict(other.state_dict())
+    assert_close_to(sparse(x), expected(linears[1]))
+    sparse.double()
+    assert_close_to(sparse(x.double()), expected(linears[1]))
+    with torch.inference_mode():
+        fresh = BlockSparseLinear.from_linear(linears[0], (16, 16))
+        assert_close_to(fresh(x), expected(linears[0]))
+    assert_close_to(fresh(x), expected(linears[0]))
+
+
 @pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_block_sparse_conv2d(stride, padding, dilation, bias):

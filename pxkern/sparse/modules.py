@@ -55,7 +55,16 @@ class _BlockSparseWeight(nn.Module):
 
 class BlockSparseLinear(_BlockSparseWeight):
     """``y = x @ W^T + b`` for ``x`` of shape ``[..., in_features]``, ``W`` block-sparse
-    ``[out_features, in_features]``."""
+    ``[out_features, in_features]``.
+
+    The kernel reads each block transposed; the layer keeps that copy of ``values``
+    (not in its ``state_dict``) and makes it again when ``values`` is replaced or changed
+    in place (a new tensor or a new version of it), instead of on every call."""
+
+    def __init__(self, weight: BlockSparseMatrix, bias: torch.Tensor | None) -> None:
+        super().__init__(weight, bias)
+        # (values, its version, values with every block transposed)
+        self._transposed_blocks: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block: tuple[int, int]) -> "BlockSparseLinear":
@@ -69,8 +78,21 @@ class BlockSparseLinear(_BlockSparseWeight):
     def out_features(self) -> int:
         return self.weight_shape[0]
 
+    def _transposed(self) -> torch.Tensor | None:
+        values = self.values
+        if values.is_inference():  # no version counter to tell an in-place change
+            return None
+        kept = self._transposed_blocks
+        if kept is None or kept[0] is not values or kept[1] != values._version:
+            # A normal tensor even when made under inference_mode: later calls may record
+            # autograd.
+            with torch.inference_mode(False):
+                blocks = values.detach().transpose(1, 2).contiguous()
+            kept = self._transposed_blocks = values, values._version, blocks
+        return kept[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bsr_linear(*self._matrix_arguments(), x, self.bias)
+        return bsr_linear(*self._matrix_arguments(), x, self.bias, transposed_blocks=self._transposed())
 
 
 class BlockSparseConv2d(_BlockSparseWeight):

@@ -1,7 +1,7 @@
 // Checks the torch-free bsr_dense_mm core (bsr_dense_mm and bsr_linear, plain and with
-// square_weight) against a dense triple loop on odd shapes, rectangular and square blocks of
-// 8-64, densities 1 to 0, for both ISA paths and both dtypes; and check_structure on broken
-// metadata. Exit code 0 on success.
+// square_weight; bsr_linear also with the caller's transposed blocks) against a dense
+// triple loop on odd shapes, rectangular and square blocks of 8-64, densities 1 to 0, for
+// both ISA paths and both dtypes; and check_structure on broken metadata. Exit code 0 on success.
 #include "bsr_dense_mm.h"
 #include "random_bsr.h"
 
@@ -73,8 +73,19 @@ bool check_case(const Case& c, bool square, Isa isa, double tol, std::mt19937& r
   pxkern::bsr_dense_mm::bsr_linear<T>(values.data(), w.row_offsets.data(),
                                       w.column_indices.data(), c.m, c.k, c.bm, c.bn, xtv.data(),
                                       c.n, bias_ptr, out_t.data(), square, isa, 0);
+  // The same with the blocks transposed by the caller.
+  std::vector<T> blocks(values.size()), out_kept(c.n * c.m, T(-12345));
+  for (size_t p = 0; p < values.size() / (c.bm * c.bn); ++p)
+    for (int64_t r = 0; r < c.bm; ++r)
+      for (int64_t q = 0; q < c.bn; ++q)
+        blocks[(p * c.bn + q) * c.bm + r] = values[(p * c.bm + r) * c.bn + q];
+  pxkern::bsr_dense_mm::bsr_linear<T>(values.data(), w.row_offsets.data(),
+                                      w.column_indices.data(), c.m, c.k, c.bm, c.bn, xtv.data(),
+                                      c.n, bias_ptr, out_kept.data(), square, isa, 0,
+                                      blocks.data());
   return compare("bsr_dense_mm", c, square, isa, out, ref, tol) &&
-         compare("bsr_linear", c, square, isa, out_t, ref_t, tol);
+         compare("bsr_linear", c, square, isa, out_t, ref_t, tol) &&
+         compare("bsr_linear (kept transposed blocks)", c, square, isa, out_kept, ref_t, tol);
 }
 
 bool check_structure_messages() {
