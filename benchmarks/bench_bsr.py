@@ -37,7 +37,8 @@ block density 0.05.
   torch_bsr  W.to_sparse_bsr((bm, bm)) @ X
   torch_csr  W.to_sparse_csr() @ X
   pxkern     bsr_dense_mm(W's BSR fields, X)
-  linear     bsr_linear(W's BSR fields, X^T), the same product in the nn.Linear layout
+  linear     bsr_linear(W's BSR fields, X^T), the same product in the nn.Linear layout,
+             given the transposed blocks as pxkern.sparse.BlockSparseLinear keeps them
 
 The full grid is large for a small machine (a batch-64 ViT fc1 product is ~60 GFLOP of
 dense work and torch CSR takes ~20x that time at density 0.5), so to keep the default run
@@ -127,14 +128,15 @@ def run(shape: Shape, batch: int, block: int, density: float, dtype: torch.dtype
     # Guards against timing a wrong kernel (float32 sums of up to 3072 products).
     tol = 1e-3 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(bsr_dense_mm(*fields, x), expected, atol=tol, rtol=tol)
-    torch.testing.assert_close(bsr_linear(*fields, x_rows), expected.t(), atol=tol, rtol=tol)
+    blocks = fields[0].transpose(1, 2).contiguous()
+    torch.testing.assert_close(bsr_linear(*fields, x_rows, transposed_blocks=blocks), expected.t(), atol=tol, rtol=tol)
     del expected
     kernels = {"dense": lambda: torch.mm(w, x), "torch_bsr": lambda: bsr @ x}
     if time_csr:
         csr = w.to_sparse_csr()
         kernels["torch_csr"] = lambda: csr @ x
     kernels["pxkern"] = lambda: bsr_dense_mm(*fields, x)
-    kernels["linear"] = lambda: bsr_linear(*fields, x_rows)
+    kernels["linear"] = lambda: bsr_linear(*fields, x_rows, transposed_blocks=blocks)
     with reused_cpu_memory():
         samples = interleaved_times(kernels, warmup, repeats, WARM_CALLS if warm else 0)
     times = {name: statistics.median(values) for name, values in samples.items()}
