@@ -77,6 +77,20 @@ def test_block_prune_keeps_whole_blocks(method):
     kept = sum(int(m.sum()) for m in masks.values())
     for name, mask in masks.items():
         _assert_block_uniform(mask, block, name)
-    # Whole blocks at the threshold go, so the density may fall short by the largest block.
-    assert kept <= math.ceil(density * total)
-    assert kept >= density * total - 3 * block[0] * block[1]
+    # The block at the threshold stays, so the density may exceed the target by a block.
+    assert density * total <= kept <= density * total + block[0] * block[1]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_layer_block_prune_keeps_a_block_of_every_layer(method):
+    """Layer by layer, each weight keeps the fewest whole blocks that reach the density:
+    the four 4x8 blocks of the 8x16 layer at density 0.1 leave one, not none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 64))  # 4 and 16 blocks
+    block, density = (4, 8), 0.1
+    masks = prune(model, torch.randn(5, 16), density=density, rounds=1, scope="layer", method=method,
+                  block=block, generator=torch.Generator().manual_seed(0), progress=False)
+    for name, mask in masks.items():
+        _assert_block_uniform(mask, block, name)
+        blocks = mask.numel() // (block[0] * block[1])
+        assert int(mask.sum()) // (block[0] * block[1]) == math.ceil(density * blocks), name

@@ -243,3 +243,16 @@ def test_global_threshold_is_the_kth_smallest(zero_fraction, negatives, density)
     flat = torch.cat([s.reshape(-1) for s in scores.values()])
     k = int((1 - density) * flat.numel())
     assert global_threshold(scores, density) == flat.sort().values[k - 1].item()
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_keep_ties_keeps_a_positive_threshold_only(scope):
+    """keep_ties adds the entries equal to a positive threshold, never zeros."""
+    from pxkern.pruning.threshold import global_keep_masks, layer_keep_masks
+
+    keep = {"global": global_keep_masks, "layer": layer_keep_masks}[scope]
+    tied = {"w": torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 2.0])}  # k = 3: threshold 1
+    assert keep(tied, 0.5)["w"].tolist() == [False, False, False, False, True, True]
+    assert keep(tied, 0.5, keep_ties=True)["w"].tolist() == [False, False, True, True, True, True]
+    zeros = {"w": torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])}  # k = 4: threshold 0
+    assert keep(zeros, 0.2, keep_ties=True)["w"].tolist() == [False] * 4 + [True, True]

@@ -65,7 +65,9 @@ def prune(
     already carries are the starting point.
 
     With ``block=(bm, bn)`` whole blocks of each weight's ``[C_out, C_in*kh*kw]`` matrix
-    are kept or pruned, ranked by their mean score (:mod:`pxkern.pruning.blocks`).
+    are kept or pruned, ranked by their mean score (:mod:`pxkern.pruning.blocks`). The
+    block that holds the threshold is kept, so the density may exceed the target by about
+    a block, and with ``scope="layer"`` every layer with a positive score keeps a block.
 
     ``data`` is a batch or an iterable of batches / ``(x, y)`` pairs (SNIP and GraSP need
     the labels), read anew every round. ``generator`` seeds ``method="random"``;
@@ -96,7 +98,7 @@ def prune(
             scores = score(method, model, data, masks, generator=generator, **criterion_kwargs)
             if block is not None:
                 scores = block_mean_scores(scores, block)
-            keep = keep_masks(scores, round_density)
+            keep = keep_masks(scores, round_density, keep_ties=block is not None)
             masks = {name: keep[name] & masks[name] for name in masks}
             kept = sum(int(m.count_nonzero()) for m in masks.values())
             bar.set_postfix(density=f"{kept / total:.4f}")

@@ -5,6 +5,11 @@ the threshold is the k-th smallest score and the kept weights are those with
 ``score > threshold``. Ties at the threshold are all pruned, so fewer than ``d * N``
 weights may survive; weights that already score 0 stay pruned whenever the threshold
 is 0. With ``k = 0`` (density 1, or too few weights to drop one) every weight is kept.
+
+``keep_ties=True`` keeps the ties at a positive threshold instead. Block pruning uses it:
+there every weight of a block shares the block's score, so the rule above would drop the
+whole block that holds the k-th smallest weight, and a layer of few blocks pruned on its
+own (four 32x32 blocks at density 0.1) would lose all of them.
 """
 
 from __future__ import annotations
@@ -70,18 +75,26 @@ def global_threshold(scores: Mapping[str, torch.Tensor], density: float) -> floa
     return _threshold(flat, density)
 
 
-def global_keep_masks(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+def _above(score: torch.Tensor, threshold: float, keep_ties: bool) -> torch.Tensor:
+    score = score.detach()
+    kept = score > threshold
+    return kept | (score == threshold) if keep_ties and threshold > 0 else kept
+
+
+def global_keep_masks(scores: Mapping[str, torch.Tensor], density: float, *,
+                      keep_ties: bool = False) -> dict[str, torch.Tensor]:
     """Bool masks (same keys and shapes as ``scores``) keeping the top ``density``
     fraction of all entries of all tensors together."""
     threshold = global_threshold(scores, density)
-    return {name: s.detach() > threshold for name, s in scores.items()}
+    return {name: _above(s, threshold, keep_ties) for name, s in scores.items()}
 
 
-def layer_keep_masks(scores: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+def layer_keep_masks(scores: Mapping[str, torch.Tensor], density: float, *,
+                     keep_ties: bool = False) -> dict[str, torch.Tensor]:
     """Bool masks keeping the top ``density`` fraction of each tensor separately
     (the layer-wise scope), with the same rule as :func:`global_keep_masks`."""
     density = _check_density(density)
     _check_scores(scores)
     return {
-        name: s.detach() > _threshold(s.detach().reshape(-1), density) for name, s in scores.items()
+        name: _above(s, _threshold(s.detach().reshape(-1), density), keep_ties) for name, s in scores.items()
     }
