@@ -29,10 +29,8 @@ from torch import nn
 
 from benchmarks.common import interleaved_medians, print_table, write_json
 from pxkern.models import resnet50
-from pxkern.pruning.blocks import block_mean_scores
-from pxkern.pruning.masks import apply_masks
+from pxkern.pruning import prune
 from pxkern.sparse import sparsify
-from pxkern.weights import prunable_weights
 
 
 class ResidualMLP(nn.Module):
@@ -87,20 +85,13 @@ def with_torch_sparse_linears(model: nn.Module, block: tuple[int, int]) -> nn.Mo
 
 
 def pruned(case: Case, density: float, block: tuple[int, int]) -> nn.Module:
-    """The model block-pruned by magnitude, layer by layer: each weight keeps its
-    ``max(1, round(density * blocks))`` blocks of largest mean ``|w|``. A global ranking
-    would not do (see the module docstring), nor would ``prune(scope="layer")``, whose
-    rule for the weight at the threshold (keep what scores above it) prunes the whole
-    threshold block: a 64-channel 1x1 convolution's four 32x32 blocks would all go."""
+    """The model block-pruned by magnitude layer by layer (magnitude reads no data: one
+    sample suffices); each layer keeps the fewest blocks that reach the density."""
     torch.manual_seed(0)
     model = case.build().eval()
-    magnitudes = {w.name: w.param.detach().abs() for w in prunable_weights(model)}
-    masks = {}
-    for name, score in block_mean_scores(magnitudes, block).items():
-        per_block = score.reshape(score.shape[0], -1)[::block[0], ::block[1]].flatten()
-        kept = max(1, round(density * per_block.numel()))
-        masks[name] = score >= per_block.topk(kept).values[-1]
-    apply_masks(model, masks)
+    sample = torch.randn(1, *case.input_shape[1:])
+    prune(model, sample, density=density, rounds=1, method="magnitude", block=block, scope="layer",
+          progress=False)
     return model
 
 
