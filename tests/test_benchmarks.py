@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,6 +48,7 @@ def test_bench_bsr_quick_writes_json_and_plot(tmp_path):
     assert out_png.stat().st_size > 0
 
 
+@pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
 def test_bench_sparse_inference_prunes_every_layer_and_checks_each():
     """Each layer keeps ceil(density * blocks) of its blocks; the run converts both layers
     and reports their error."""
