@@ -21,7 +21,8 @@
 // (depth bn each), A_p B_p with
 //   mm:     A_p = block p                (bm x bn, broadcast),  B_p = rows col_p bn.. of x
 //   linear: A_p = columns col_p bn.. of x (B x bn, broadcast),  B_p = block p transposed
-//           (bn x bm; all blocks are transposed once per call into a scratch buffer).
+//           (bn x bm; the caller's transposed blocks, or all blocks transposed once per
+//           call into a scratch buffer).
 //
 // Tiling: D_i is cut into column blocks of at most kMaxVectors AVX vectors and row tiles of
 // R <= kMaxAccumulators / V rows (sizes balanced), register tiles of R x V ymm
@@ -43,8 +44,9 @@
 // Work and traffic (N := B for linear, s = sizeof(T)):
 //   FLOPs  = 2 nnz_blocks bm bn N; square_weight adds one multiply per weight element
 //            loaded into a register (the same traffic).
-//   DRAM   ~ s (nnz_blocks bm bn + K N + M N) + 4 (nnz_blocks + M / bm + 1); linear also
-//            writes and reads the transposed copy of values (2 s nnz_blocks bm bn).
+//   DRAM   ~ s (nnz_blocks bm bn + K N + M N) + 4 (nnz_blocks + M / bm + 1); linear
+//            without the caller's transposed blocks also reads values and writes and reads
+//            their transposed copy (3 s nnz_blocks bm bn instead of 1).
 //            bsr_dense_mm adds a read and write of x when it packs x (see above).
 //   cache  : each block's values are read once per row group and column block of its
 //            region, each x panel (bn rows x the column block) once per row tile from L1.
