@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -190,19 +190,24 @@ class ScaledSum:
         return self.mantissa / peak if peak > 0 else self.mantissa
 
 
+def largest_magnitude(tensors: Iterable[torch.Tensor]) -> float:
+    """``max |t|`` over all ``tensors``: 0 if they are empty, NaN if any holds a NaN."""
+    # aminmax reads a tensor once and allocates no |tensor| temporary; broadcast
+    # (stride-0) dimensions are read once, not once per repeat.
+    peaks = [float(max(-low, high)) for low, high in
+             (torch.aminmax(_broadcast_base(t.detach())) for t in tensors if t.numel())]
+    # max() skips a NaN that is not first.
+    return math.nan if any(map(math.isnan, peaks)) else max(peaks, default=0.0)
+
+
 def magnitude_exponent(tensor: torch.Tensor) -> int | None:
     """``r`` with ``max|tensor|`` in ``[2**(r-1), 2**r)``; None for empty or all-zero."""
-    if tensor.numel() == 0:
-        return None
-    # aminmax reads the tensor once and allocates no |tensor| temporary; broadcast
-    # (stride-0) dimensions are read once, not once per repeat.
-    low, high = torch.aminmax(_broadcast_base(tensor.detach()))
-    peak = torch.maximum(-low, high)
-    if not torch.isfinite(peak):
+    peak = largest_magnitude([tensor])
+    if not math.isfinite(peak):
         raise FloatingPointError("a PX stream value is not finite before rescaling")
     if peak == 0:
         return None
-    return int(torch.frexp(peak).exponent)
+    return math.frexp(peak)[1]
 
 
 def _broadcast_base(tensor: torch.Tensor) -> torch.Tensor:

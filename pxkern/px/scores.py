@@ -20,7 +20,7 @@ from pxkern.backend import BACKENDS, choose_backend
 from pxkern.data import iter_batches
 from pxkern.evaluation import batchnorm_buffer_copies, check_bn_mode, model_state_restored, unit_prune_masks
 from pxkern.memory import reused_cpu_memory
-from pxkern.px.scaled import Exponents, ScaledSum, stream_layout
+from pxkern.px.scaled import Exponents, ScaledSum, largest_magnitude, stream_layout
 from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.px.folding import FoldMismatch, FoldPlan, new_folding, plan_for, remember_plan
 from pxkern.px.fused import FusedPlan, UnsupportedByPlan, build_plan
@@ -238,12 +238,6 @@ def _stream_buffers(model: nn.Module, weights, bn: str, dtype: torch.dtype) -> d
     return buffers
 
 
-def _largest_magnitude(tensors: Iterable[torch.Tensor]) -> float:
-    """The largest magnitude among ``tensors`` (0 if they are empty)."""
-    return max((float(max(-low, high)) for low, high in map(torch.aminmax, filter(torch.numel, tensors))),
-               default=0.0)
-
-
 def _exponent(largest: float) -> int:
     """The exponent ``e`` of a largest magnitude (in ``[2**(e-1), 2**e)``): multiplying by
     ``2**-e`` brings it to 1 before a float32 cast."""
@@ -254,7 +248,7 @@ def _exponent(largest: float) -> int:
 
 def _float32_scores(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Float64 scores up to a global factor, as float32 with the largest equal to 1."""
-    scale = math.ldexp(1.0, -_exponent(_largest_magnitude(raw.values())))
+    scale = math.ldexp(1.0, -_exponent(largest_magnitude(raw.values())))
     return _divided_by_largest({name: (s * scale).float() for name, s in raw.items()})
 
 
@@ -278,7 +272,7 @@ def _scores_from_kernel(z2, kernel_input, v, kernel_weights, weights, masks,
     block_scores = [layer.scores for layer in layers.values() if layer.scores is not None]
     # The power of two is skipped (a weight-sized pass) when the gradients fit float32
     # comfortably anyway. Block scores (|G| * W**2) bound the same range.
-    largest = _largest_magnitude([*grads, *block_scores])
+    largest = largest_magnitude([*grads, *block_scores])
     if true_scale:
         check_true_scale(largest, KERNEL_DTYPE)
     exponent = _exponent(largest)

@@ -35,7 +35,14 @@ from pxkern.ops.bsr_px_scores import bsr_px_scores
 from pxkern.ops.relu_gate import relu_gate
 from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
 from pxkern.px.folding import FOLDABLE_OPS, FoldingRecorder, FoldingRunner, FoldMismatch, FoldPlan, new_folding
-from pxkern.px.scaled import WEIGHTED_OPS, Exponents, ScaledArithmetic, empty_in_stream_layout, op_name
+from pxkern.px.scaled import (
+    WEIGHTED_OPS,
+    Exponents,
+    ScaledArithmetic,
+    empty_in_stream_layout,
+    largest_magnitude,
+    op_name,
+)
 from pxkern.sparse.format import BlockSparseMatrix
 from pxkern.sparse.sparsify import UNMEASURED_MAX_BLOCK_DENSITY, choose_blocks
 from pxkern.weights import PrunableWeight, is_all_ones
@@ -87,10 +94,6 @@ def check_true_scale(peak: float, dtype: torch.dtype) -> None:
     ``dtype``."""
     if not math.isfinite(peak) or (peak > 0 and abs(math.frexp(peak)[1]) > TRUE_SCALE_RANGE[dtype]):
         raise LeftTrueScale()
-
-
-def _peak(t: torch.Tensor) -> float:
-    return float(t.detach().abs().max()) if t.numel() else 0.0
 
 
 @dataclass
@@ -287,7 +290,7 @@ class StreamMode(TorchFunctionMode):
         stream = self.state.stream
         if stream is Stream.KERNEL:
             if self.state.true_scale:
-                check_true_scale(_peak(x), x.dtype)
+                check_true_scale(largest_magnitude([x]), x.dtype)
             return x
         if stream is Stream.GATES:
             y, gate, peak = relu_gate(x, slope, inplace)
@@ -470,7 +473,7 @@ def run_stream(
             f"model whose forward returns one tensor"
         )
     if state.true_scale:
-        check_true_scale(_peak(output), output.dtype)
+        check_true_scale(largest_magnitude([output]), output.dtype)
     if state.stream is Stream.PATHS and mode.relu_calls != len(state.gates):
         raise RuntimeError(
             f"stream B made {mode.relu_calls} ReLU calls, stream A {len(state.gates)}: PX needs "
