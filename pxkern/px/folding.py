@@ -47,6 +47,11 @@ _BATCH_NORM_ARGUMENTS = ("input", "running_mean", "running_var", "weight", "bias
                          "momentum", "eps")
 
 
+def _eps(bound: dict[str, Any]) -> float:
+    """The eps of a bound ``batch_norm`` call (F.batch_norm's default if not given)."""
+    return float(bound.get("eps", 1e-5))
+
+
 class FoldMismatch(RuntimeError):
     """The forward did not use a folded convolution's output as the plan says."""
 
@@ -156,7 +161,7 @@ def _norm_of(names: Mapping[int, str], bound: dict[str, Any]) -> FoldedNorm | No
     if (mean is None or var is None or (weight is not None and weight_name is None)
             or (bias is not None and bias_name is None)):
         return None
-    return FoldedNorm(mean, var, weight_name, bias_name, float(bound.get("eps", 1e-5)))
+    return FoldedNorm(mean, var, weight_name, bias_name, _eps(bound))
 
 
 class FoldingRecorder:
@@ -235,7 +240,7 @@ class FoldingRunner:
         return None
 
     def _same_norm(self, norm: FoldedNorm, bound: dict[str, Any]) -> bool:
-        return (not bound.get("training", False) and float(bound.get("eps", 1e-5)) == norm.eps
+        return (not bound.get("training", False) and _eps(bound) == norm.eps
                 and all(bound.get(key) is (None if tensor_name is None else self.tensors.get(tensor_name))
                         for key, tensor_name in (("running_mean", norm.running_mean),
                                                  ("running_var", norm.running_var),
