@@ -73,11 +73,17 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import interleaved_times, prepare_kernel_benchmark, print_table, write_json
+from benchmarks.common import (
+    interleaved_times,
+    prepare_kernel_benchmark,
+    print_table,
+    pyplot,
+    save_figure,
+    write_json,
+)
 from pxkern.memory import reused_cpu_memory
 from pxkern.ops.bsr_dense_mm import bsr_dense_mm, bsr_linear
 
@@ -214,11 +220,9 @@ def plot_density_sweep(path: str | None, rows: list[dict], shape: Shape) -> None
     if not rows:
         print(f"no {shape.name} rows: no plot written")
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
+
+    plt = pyplot()
 
     blocks = sorted({r["block"] for r in rows})
     fig, axes = plt.subplots(1, len(blocks), figsize=(4.5 * len(blocks) + 0.5, 4.2),
@@ -248,11 +252,7 @@ def plot_density_sweep(path: str | None, rows: list[dict], shape: Shape) -> None
     first = rows[0]
     fig.suptitle(f"W {first['m']}x{first['k']} @ X {first['k']}x{first['n']}, "
                  f"{torch.get_num_threads()} threads (lower is better)")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(plt, fig, path)
 
 
 def main() -> None:

@@ -10,18 +10,24 @@ Then the whole iterative prune of ResNet-20 to density 0.018 in 100 rounds: ``px
 against the same loop around the authors' algorithm (score, global top-k, combine masks),
 timed pxkern, authors, pxkern, with the mean of the two pxkern runs.
 
+``--breakdown`` instead profiles one pxkern prune (``torch.profiler``, which adds a few
+percent) and shows, per round, the time of streams A, B and C, of the rest of
+``px_scores`` and of the mask selection, in eval forwards: where the prune's time goes.
+
 Every time is the median of ``--repeats`` runs after one warm-up; the forward, pxkern and
 the authors' algorithm run in turn within each repeat, so machine drift hits all alike. The authors' float32
 streams overflow on these networks (px-spec.md section 5): their scores are timed, not used.
 
 Usage: python -m benchmarks.bench_px_scores [--quick] [--json results/px_scores.json]
        [--plot results/px_scores.png]
+       python -m benchmarks.bench_px_scores --breakdown [--rounds 100] [--json ...] [--plot ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -29,12 +35,22 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmarks.common import interleaved_medians, median_seconds, plot_bars, print_table, write_json
+from benchmarks.common import (
+    interleaved_medians,
+    interleaved_times,
+    median_seconds,
+    plot_bars,
+    plot_stacked,
+    print_table,
+    write_json,
+)
 from pxkern import px_scores
 from pxkern.models import cifar_resnet, cifar_vgg, resnet18
 from pxkern.pruning import prune
+from pxkern.pruning.prune import ROUND_LABELS
 from pxkern.pruning.schedule import exponential_densities
 from pxkern.pruning.threshold import global_keep_masks
+from pxkern.px.scores import STAGE_LABELS
 from pxkern.testing import reference_px_scores
 
 
@@ -116,12 +132,80 @@ def prune_row(rounds: int, quick: bool) -> dict:
     }
 
 
+STAGES = (("A", "stream A"), ("B", "stream B"), ("C", "stream C"), ("setup", "setup"), ("select", "select"))
+
+
+def _range_durations(profile, label: str) -> list[float]:
+    """Durations (s) of the profiler ranges named ``label``, in the order they began."""
+    events = sorted((e for e in profile.events() if e.name == label), key=lambda e: e.time_range.start)
+    return [e.time_range.elapsed_us() * 1e-6 for e in events]
+
+
+def prune_breakdown(rounds: int, quick: bool) -> list[dict]:
+    """One ``pxkern.prune`` of the benchmark's ResNet-20 under ``torch.profiler``: per round,
+    the time of streams A, B and C, of the rest of ``px_scores`` (setup: checks, parameter
+    substitutions) and of selecting the masks, each also in eval forwards of the model."""
+    torch.manual_seed(0)
+    base = cifar_resnet(20)
+    x = torch.randn(32 if quick else 128, 3, 32, 32)
+
+    def forward_times() -> list[float]:
+        with torch.no_grad():
+            return interleaved_times({"forward": lambda: base.eval()(x)}, repeats=5)["forward"]
+
+    # A warm-up prune: the first calls measure which convolution kernel wins (sparse_conv2d).
+    prune(copy.deepcopy(base), x, density=0.018, rounds=rounds, progress=False)
+    before = forward_times()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        prune(copy.deepcopy(base), x, density=0.018, rounds=rounds, progress=False)
+    # Forwards before and after the prune: one unlucky spell of the machine moves the median
+    # of ten less than that of a few taken at one moment.
+    forward = statistics.median(before + forward_times())
+    seconds = {key: _range_durations(profile, STAGE_LABELS[key]) for key in ("A", "B", "C")}
+    score = _range_durations(profile, ROUND_LABELS["score"])
+    seconds["setup"] = [s - a - b - c for s, a, b, c in zip(score, seconds["A"], seconds["B"], seconds["C"])]
+    seconds["select"] = _range_durations(profile, ROUND_LABELS["select"])
+    rows = []
+    for index in range(rounds):
+        row = {"round": index + 1, "forward_ms": forward * 1e3}
+        for key, _ in STAGES:
+            row[f"{key}_ms"] = seconds[key][index] * 1e3
+            row[f"{key}_per_forward"] = seconds[key][index] / forward
+        row["round_per_forward"] = sum(seconds[key][index] for key, _ in STAGES) / forward
+        rows.append(row)
+    return rows
+
+
+def print_breakdown(rows: list[dict]) -> None:
+    """Selected rounds and the mean round, in eval forwards."""
+    shown = sorted({1, *range(10, len(rows) + 1, 10), len(rows)})
+    mean = {key: sum(r[key] for r in rows) / len(rows)
+            for key in rows[0] if key.endswith("_per_forward")}
+    table = [rows[r - 1] for r in shown] + [{"round": "mean", **mean}]
+    columns = [("round", "round", "")] + [(f"{key}_per_forward", name, ".2f") for key, name in STAGES]
+    print(f"\nWhere a prune round's time goes, in eval forwards ({rows[0]['forward_ms']:.1f} ms each)")
+    print_table(table, [*columns, ("round_per_forward", "total", ".2f")])
+
+
 COLUMNS = (
     ("model", "model", ""), ("batch", "B", "d"), ("forward_ms", "forward ms", ".1f"),
     ("pxkern_ms", "pxkern ms", ".1f"), ("authors_ms", "authors ms", ".1f"),
     ("pxkern_per_forward", "pxkern/fwd", ".2f"), ("authors_per_forward", "authors/fwd", ".2f"),
     ("speedup_vs_authors", "speedup", ".2f"),
 )
+
+
+def breakdown(rounds: int, args: argparse.Namespace) -> None:
+    if rounds < 1:
+        raise SystemExit("--breakdown needs --rounds >= 1")
+    rows = prune_breakdown(rounds, args.quick)
+    print_breakdown(rows)
+    write_json(args.json, "px_prune_breakdown", {"quick": args.quick, "rounds": rounds}, rows)
+    plot_stacked(
+        args.plot, f"pxkern.prune of ResNet-20 (B={128 // 4 if args.quick else 128}): time per round",
+        [r["round"] for r in rows], {name: [r[f"{key}_per_forward"] for r in rows] for key, name in STAGES},
+        "round", "time / one eval forward",
+    )
 
 
 def main() -> None:
@@ -132,9 +216,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=[c.name for c in CASES])
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--plot", help="save a bar chart of the ratios to this PNG file")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: profile one pxkern prune of --rounds rounds and show where each "
+                             "round's time goes (table; --json rows per round; --plot stacked areas)")
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
     rounds = min(args.rounds, 5) if args.quick else args.rounds
+    if args.breakdown:
+        breakdown(rounds, args)
+        return
 
     rows = []
     for case in CASES:

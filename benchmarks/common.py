@@ -118,11 +118,7 @@ def plot_bars(path: str | None, title: str, labels: Sequence[str], series: dict[
     """A grouped bar chart, one group per label and one bar per series, saved to ``path``."""
     if not path:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 3, 4))
     for index, (name, values) in enumerate(series.items()):
@@ -134,6 +130,39 @@ def plot_bars(path: str | None, title: str, labels: Sequence[str], series: dict[
     ax.set_title(title)
     ax.margins(y=0.25)  # room above the tallest bar for its label and the legend
     ax.legend(loc="upper left", ncols=len(series))
+    save_figure(plt, fig, path)
+    print(f"wrote {path}")
+
+
+def plot_stacked(path: str | None, title: str, x: Sequence[float], series: dict[str, Sequence[float]],
+                 xlabel: str, ylabel: str) -> None:
+    """Stacked areas of ``series`` over ``x`` (parts of a whole that changes along x), saved
+    to ``path``."""
+    if not path:
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.stackplot(x, *series.values(), labels=list(series))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.margins(x=0)
+    ax.legend(loc="upper right")
+    save_figure(plt, fig, path)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(plt, fig, path: str) -> None:
+    """Lay out ``fig``, save it to ``path`` as PNG and close it."""
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -27,6 +27,26 @@ def test_bench_px_scores_quick_writes_json_and_plot(tmp_path):
     assert out_png.stat().st_size > 0
 
 
+def test_bench_px_scores_breakdown_accounts_for_every_round(tmp_path):
+    out_json, out_png = tmp_path / "breakdown.json", tmp_path / "breakdown.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_px_scores", "--breakdown", "--quick", "--rounds", "3",
+         "--json", str(out_json), "--plot", str(out_png)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    stages = ("A", "B", "C", "setup", "select")
+    for row in rows:
+        # Every stage ran (its profiler range was found) and the parts add up to the round.
+        assert all(row[f"{stage}_ms"] > 0 for stage in stages), row
+        parts = sum(row[f"{stage}_per_forward"] for stage in stages)
+        assert row["round_per_forward"] == pytest.approx(parts)
+    assert "stream A" in result.stdout and "mean" in result.stdout
+    assert out_png.stat().st_size > 0
+
+
 def test_bench_bsr_quick_writes_json_and_plot(tmp_path):
     out_json, out_png = tmp_path / "bsr.json", tmp_path / "bsr.png"
     result = subprocess.run(

@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from pxkern.memory import reused_cpu_memory
@@ -17,6 +18,10 @@ from pxkern.pruning.threshold import global_keep_masks, layer_keep_masks
 from pxkern.weights import prunable_weights, resolve_masks
 
 SCOPES = {"global": global_keep_masks, "layer": layer_keep_masks}
+
+# Profiler ranges of a round (``torch.profiler``): scoring, then selecting and combining
+# the masks.
+ROUND_LABELS = {"score": "pxkern::prune_score", "select": "pxkern::prune_select"}
 
 
 def _target_density(density: float | None, sparsity: float | None) -> float:
@@ -95,12 +100,14 @@ def prune(
     # Every round allocates the same temporaries: keep their blocks from round to round.
     with reused_cpu_memory():
         for round_density in bar:
-            scores = score(method, model, data, masks, generator=generator, **criterion_kwargs)
-            if block is not None:
-                scores = block_mean_scores(scores, block)
-            keep = keep_masks(scores, round_density, keep_ties=block is not None)
-            masks = {name: keep[name] & masks[name] for name in masks}
-            kept = sum(int(m.count_nonzero()) for m in masks.values())
+            with record_function(ROUND_LABELS["score"]):
+                scores = score(method, model, data, masks, generator=generator, **criterion_kwargs)
+            with record_function(ROUND_LABELS["select"]):
+                if block is not None:
+                    scores = block_mean_scores(scores, block)
+                keep = keep_masks(scores, round_density, keep_ties=block is not None)
+                masks = {name: keep[name] & masks[name] for name in masks}
+                kept = sum(int(m.count_nonzero()) for m in masks.values())
             bar.set_postfix(density=f"{kept / total:.4f}")
     apply_masks(model, masks)
     return masks

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from pxkern.backend import BACKENDS, choose_backend
 from pxkern.data import iter_batches
@@ -36,6 +37,12 @@ from pxkern.px.streams import (
     stream_parameters,
 )
 from pxkern.weights import is_all_ones, last_linear_name, prunable_weights, resolve_masks
+
+
+# Profiler ranges of the stream path (``torch.profiler``): where a call's time goes, as
+# ``benchmarks/bench_px_scores.py --breakdown`` reports it. A range costs ~1 us when no
+# profiler runs.
+STAGE_LABELS = {"A": "pxkern::stream_A", "B": "pxkern::stream_B", "C": "pxkern::stream_C"}
 
 
 def _validate(model: nn.Module, bn: str, dtype: torch.dtype) -> None:
@@ -121,20 +128,23 @@ def px_scores(
         fold_plan = plan_for(model)
         with torch.no_grad():
             for x in batches:
-                gates, fold_plan = run_gates(model, x, parameters.gates, buffers, parameters.block_sparse,
-                                             fold_plan)
+                with record_function(STAGE_LABELS["A"]):
+                    gates, fold_plan = run_gates(model, x, parameters.gates, buffers, parameters.block_sparse,
+                                                 fold_plan)
                 paths = StreamState(Stream.PATHS, Exponents(), gates, parameters.ones_weights,
                                     parameters.block_sparse)
-                z1, exponent = _run_paths(model, paths, x * x, parameters, buffers, bn, fold_plan)
-                v.add(z1.sum(0), exponent)
+                with record_function(STAGE_LABELS["B"]):
+                    z1, exponent = _run_paths(model, paths, x * x, parameters, buffers, bn, fold_plan)
+                    v.add(z1.sum(0), exponent)
         remember_plan(model, fold_plan)
-        kernel_buffers = _stream_buffers(model, weights, bn, KERNEL_DTYPE)
-        try:
-            scores = _kernel_scores(model, batches.sample_shape, parameters, kernel_buffers, v, weights,
-                                    mask_values, bn, true_scale=True)
-        except LeftTrueScale:
-            scores = _kernel_scores(model, batches.sample_shape, parameters, kernel_buffers, v, weights,
-                                    mask_values, bn, true_scale=False)
+        with record_function(STAGE_LABELS["C"]):
+            kernel_buffers = _stream_buffers(model, weights, bn, KERNEL_DTYPE)
+            try:
+                scores = _kernel_scores(model, batches.sample_shape, parameters, kernel_buffers, v, weights,
+                                        mask_values, bn, true_scale=True)
+            except LeftTrueScale:
+                scores = _kernel_scores(model, batches.sample_shape, parameters, kernel_buffers, v, weights,
+                                        mask_values, bn, true_scale=False)
     return _finished(scores, block, mask_values)
 
 
