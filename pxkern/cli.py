@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--block", type=_block, default=None, metavar="BMxBN",
         help="also prune whole BMxBN weight blocks (e.g. 8x8) and compare with unstructured pruning",
     )
+    demo.add_argument(
+        "--keep", choices=("classifier", "none"), default="classifier",
+        help="what px keeps unchanged in its streams B and C besides normalization layers: the "
+        "classifier (px-spec.md, default) or nothing, as the authors' code does; other methods ignore it",
+    )
     return parser
 
 
@@ -110,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_demo(
             args.method, args.density, args.rounds, args.epochs, args.out,
             compare=args.compare, seed=args.seed, progress=not args.no_progress, block=args.block,
+            keep_classifier=args.keep == "classifier",
         )
         print(format_report(report))
     return 0

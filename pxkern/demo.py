@@ -59,10 +59,12 @@ class DemoResult:
     layers: list[LayerDensity]
     prune_seconds: float
     train_seconds: float
+    classifier_kept: bool = True  # px only: False if streams B and C transformed it too
 
     @property
     def label(self) -> str:
-        return self.method if self.block is None else f"{self.method} {self.block[0]}x{self.block[1]} blocks"
+        label = self.method if self.block is None else f"{self.method} {self.block[0]}x{self.block[1]} blocks"
+        return label if self.classifier_kept else f"{label}, classifier transformed"
 
 
 def load_digits(seed: int = 0) -> Digits:
@@ -158,15 +160,21 @@ class Demo:
 
     def run(
         self, method: str, density: float, rounds: int, epochs: int, progress: bool = False,
-        block: tuple[int, int] | None = None,
+        block: tuple[int, int] | None = None, keep_classifier: bool = True,
     ) -> DemoResult:
         """Prune a copy of the initial model with ``method`` to ``density`` (``rounds``
-        rounds, whole ``block``s if given), train it ``epochs`` epochs and measure it."""
+        rounds, whole ``block``s if given), train it ``epochs`` epochs and measure it.
+        ``keep_classifier=False`` (px only) scores with ``keep=()``: streams B and C
+        transform the classifier like every other layer, as the authors' code does."""
+        if not keep_classifier and method != "px":
+            raise ValueError(f"keep_classifier=False is an option of method 'px', not of {method!r}")
         model = copy.deepcopy(self.initial)
+        options = {} if keep_classifier else {"keep": ()}
         start = time.perf_counter()
         prune(  # validates method, density and rounds
             model, [self.scoring_batch], density=density, rounds=rounds, method=method,
             generator=torch.Generator().manual_seed(self.seed), progress=progress, block=block,
+            **options,
         )
         pruned = time.perf_counter()
         train(model, self.digits, epochs, self.seed)
@@ -182,6 +190,7 @@ class Demo:
             layers=layers,
             prune_seconds=pruned - start,
             train_seconds=trained - pruned,
+            classifier_kept=keep_classifier,
         )
 
 
@@ -273,6 +282,7 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     block: tuple[int, int] | None = None,
+    keep_classifier: bool = True,
 ) -> DemoReport:
     """Train the dense CNN and the CNN pruned with ``method`` (every method of
     :data:`pxkern.pruning.CRITERIA` if ``compare``) to ``density``; write the plots and a
@@ -281,7 +291,8 @@ def run_demo(
     ``rounds`` applies to the iterative methods (px, synflow); the others run one-shot
     as in the official code (:func:`rounds_for`). With ``block=(bm, bn)`` every method also
     runs block-structured (:mod:`pxkern.pruning.blocks`), at the same density, beside its
-    unstructured run.
+    unstructured run. ``keep_classifier=False`` scores px with ``keep=()``
+    (:meth:`Demo.run`; the other methods do not take it).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -298,7 +309,8 @@ def run_demo(
     dense_seconds = time.perf_counter() - start
     structures = [None] if block is None else [None, block]
     results = [
-        demo.run(name, density, rounds_for(name, rounds), epochs, progress, structure)
+        demo.run(name, density, rounds_for(name, rounds), epochs, progress, structure,
+                 keep_classifier=keep_classifier or name != "px")
         for name in methods
         for structure in structures
     ]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pxkern.cli import main
-from pxkern.demo import run_demo
+from pxkern.demo import Demo, run_demo
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +65,29 @@ def test_cli_compare(tmp_path, capsys):
     assert (tmp_path / "layer_density_compare.png").exists()
 
 
+def test_cli_keep_none_transforms_the_classifier(tmp_path, capsys):
+    """--keep none reaches px as keep=(): the label says so, and the classifier, scored as a
+    transformed layer, ends with another share of the kept weights than under the default."""
+    argv = ["demo", "--density", "0.2", "--rounds", "2", "--epochs", "1", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "kept")]) == 0
+    assert main([*argv, "--keep", "none", "--out", str(tmp_path / "none")]) == 0
+    assert "px, classifier transformed" in capsys.readouterr().out
+
+    def layers(run):
+        (result,) = json.loads((tmp_path / run / "results_px.json").read_text())["results"]
+        assert result["classifier_kept"] == (run == "kept")
+        return {layer["name"]: layer["kept"] for layer in result["layers"]}
+
+    kept, transformed = layers("kept"), layers("none")
+    assert sum(kept.values()) == sum(transformed.values())  # the same global density
+    assert kept != transformed
+
+
+def test_demo_refuses_keep_classifier_for_other_methods():
+    with pytest.raises(ValueError, match="option of method 'px'"):
+        Demo().run("magnitude", 0.2, 1, 0, keep_classifier=False)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -72,6 +95,7 @@ def test_cli_compare(tmp_path, capsys):
         (["demo", "--method", "l1"], "invalid choice: 'l1'"),
         (["demo", "--epochs", "0"], "expected an integer >= 1"),
         (["demo", "--block", "8"], "block must look like 8x8"),
+        (["demo", "--keep", "fc"], "invalid choice: 'fc'"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):
