@@ -66,8 +66,8 @@ def test_cli_compare(tmp_path, capsys):
 
 
 def test_cli_keep_none_transforms_the_classifier(tmp_path, capsys):
-    """--keep none reaches px as keep=(): the label says so, and the classifier, scored as a
-    transformed layer, ends with another share of the kept weights than under the default."""
+    """--keep none reaches px as keep=(): the label and the JSON say so, and the layers keep
+    other counts of weights than under the default, at the same global density."""
     argv = ["demo", "--density", "0.2", "--rounds", "2", "--epochs", "1", "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "kept")]) == 0
     assert main([*argv, "--keep", "none", "--out", str(tmp_path / "none")]) == 0
