@@ -19,5 +19,15 @@ inline int resolve_threads(int num_threads) {
 #endif
 }
 
+// Index of the calling thread in its OpenMP team (0 outside a parallel region or without
+// OpenMP).
+inline int thread_index() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 }  // namespace cpu
 }  // namespace pxkern

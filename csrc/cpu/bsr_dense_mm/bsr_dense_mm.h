@@ -31,13 +31,16 @@
 // that a chunk's A and B panels (~kChunkBytes) stay in L2 while every tile of the region
 // reads them; a tile starts from the bias on the first chunk and from y on the others.
 // Masked loads/stores handle a partial last vector, so nothing is read past x or y.
-// bsr_dense_mm first packs x into panels of one column block ([N / W, K, W], W = 24
-// floats / 12 doubles) when the average block column is used by >= kMinPanelReuse block
-// rows: x rows n s bytes apart (power-of-two n) fall into a few L1 sets and evict each
-// other between the row tiles; packed rows are W s bytes apart.
-// OpenMP (dynamic) over block rows, each region split along N (mm) or B (linear) when
-// there are fewer than 4 block rows per thread. No allocation in the hot loop: the packed
-// x and bsr_linear's transposed blocks live in a per-thread workspace kept across calls.
+// bsr_dense_mm packs x into panels of one column block ([N / W, K, W], W = 24 floats /
+// 12 doubles) when the average block column is used by >= kMinPanelReuse block rows: x
+// rows n s bytes apart (power-of-two n) fall into a few L1 sets and evict each other
+// between the row tiles; packed rows are W s bytes apart. Each thread packs the block
+// columns its block rows use into panels of its own.
+// OpenMP over block rows, each region split along N (mm) or B (linear) when there are
+// fewer than 4 block rows per thread: each thread owns a contiguous range of regions with
+// a like share of the blocks and then helps with the others' (see multiply). No
+// allocation in the hot loop: the packed x and bsr_linear's transposed blocks live in a
+// per-thread workspace kept across calls.
 // AVX2+FMA path chosen at run time (see ../isa.h); a portable path with the same loops
 // otherwise, or when PXKERN_CPU_ISA=portable.
 //
@@ -47,16 +50,19 @@
 //   DRAM   ~ s (nnz_blocks bm bn + K N + M N) + 4 (nnz_blocks + M / bm + 1); linear
 //            without the caller's transposed blocks also reads values and writes and reads
 //            their transposed copy (3 s nnz_blocks bm bn instead of 1).
-//            bsr_dense_mm adds a read and write of x when it packs x (see above).
+//            bsr_dense_mm adds, per thread, a read and write of the part of x its block
+//            rows use when it packs x (see above).
 //   cache  : each block's values are read once per row group and column block of its
 //            region, each x panel (bn rows x the column block) once per row tile from L1.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -159,6 +165,10 @@ struct Problem {
   int64_t bias_block;
   bool bias_per_row;
   bool split_rows;  // split a region along its rows (else its columns) between threads
+  // bsr_dense_mm with packing: b_* describe the packed panels, and each thread packs this
+  // x [k, unpacked_cols] into panels of its own (ThreadPanels); nullptr: b is read as is.
+  const T* unpacked_x = nullptr;
+  int64_t unpacked_cols = 0;
 };
 
 // One register tile: rows [r0, r0 + rows) x columns [c0, c0 + cols) of region d, summing
@@ -406,51 +416,6 @@ void region(const Problem<T>& pr, bool avx2, int64_t i, int64_t r_lo, int64_t r_
   }
 }
 
-template <typename T, Square Sq>
-void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
-  if (pr.block_rows == 0 || pr.rows == 0 || pr.cols == 0) return;
-#if PXKERN_HAVE_AVX2_PATH
-  const bool avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
-  const int64_t lanes = avx2 ? Avx2<T>::kLanes : 1;
-#else
-  (void)isa;
-  const bool avx2 = false;
-  const int64_t lanes = 1;
-#endif
-  const int threads = resolve_threads(num_threads);
-  // Split regions only as far as needed for ~4 items per thread (dynamic scheduling evens
-  // out rows with different block counts); columns are split in whole packed panels or
-  // vectors.
-  const int64_t col_unit = pr.b_packed_cols > 0 ? pr.b_packed_cols : lanes;
-  const int64_t split_units = pr.split_rows ? pr.rows : (pr.cols + col_unit - 1) / col_unit;
-  const int64_t splits = std::min(
-      split_units, std::max<int64_t>(1, (4 * threads + pr.block_rows - 1) / pr.block_rows));
-  const int64_t items = pr.block_rows * splits;
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (items > 1)
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t i = item / splits, s = item % splits;
-    const int64_t lo = balanced_start(split_units, splits, s);
-    const int64_t hi = balanced_start(split_units, splits, s + 1);
-    if (pr.split_rows) {
-      region<T, Sq>(pr, avx2, i, lo, hi, 0, pr.cols);
-    } else {
-      region<T, Sq>(pr, avx2, i, 0, pr.rows, lo * col_unit, std::min(pr.cols, hi * col_unit));
-    }
-  }
-}
-
-// The instantiation of multiply that squares `weight` (the operand holding W) if
-// square_weight, else the plain one.
-template <typename T>
-void multiply(const Problem<T>& pr, bool square_weight, Square weight, Isa isa,
-              int num_threads) {
-  switch (square_weight ? weight : Square::kNone) {
-    case Square::kNone: multiply<T, Square::kNone>(pr, isa, num_threads); break;
-    case Square::kA: multiply<T, Square::kA>(pr, isa, num_threads); break;
-    case Square::kB: multiply<T, Square::kB>(pr, isa, num_threads); break;
-  }
-}
-
 // Row q of x [k, n] into row q of every panel of packed [panels, k, kPackedCols<T>], the
 // columns past n zero. Inline vector copies: a memmove call per 24-float panel row cost
 // more than the copy itself.
@@ -476,6 +441,150 @@ PXKERN_AVX2_FN void pack_row_avx2(const T* row, int64_t n, int64_t k, T* packed)
 }
 #endif
 
+// The calling thread's own packed copy of x (Problem::unpacked_x): a block column's rows
+// are packed when a block row of this thread first uses it in this call, so that every
+// panel a thread reads is one it wrote itself.
+template <typename T>
+class ThreadPanels {
+ public:
+  ThreadPanels(const Problem<T>& pr, bool avx2) : pr_(pr), avx2_(avx2) {
+    const int64_t k = pr.b_panel / kPackedCols<T>;
+    packed_ = workspace<T, Use::kPackedX>((pr.unpacked_cols + kPackedCols<T> - 1) /
+                                          kPackedCols<T> * pr.b_panel);
+    thread_local std::vector<uint8_t> packed_columns;
+    packed_columns.assign(k / pr.depth, 0);
+    done_ = packed_columns.data();
+  }
+
+  T* data() const { return packed_; }
+
+  // Packs the block columns of block row i not packed yet.
+  void prepare_row(int64_t i) {
+    const int64_t n = pr_.unpacked_cols, k = pr_.b_panel / kPackedCols<T>, rows = pr_.depth;
+    for (int64_t p = pr_.row_offsets[i]; p < pr_.row_offsets[i + 1]; ++p) {
+      const int64_t col = pr_.column_indices[p];
+      if (done_[col]) continue;
+      done_[col] = 1;
+      for (int64_t q = col * rows; q < (col + 1) * rows; ++q) {
+        const T* row = pr_.unpacked_x + q * n;
+        T* dst = packed_ + q * kPackedCols<T>;
+#if PXKERN_HAVE_AVX2_PATH
+        if (avx2_) {
+          pack_row_avx2(row, n, k, dst);
+          continue;
+        }
+#endif
+        pack_row_portable(row, n, k, dst);
+      }
+    }
+  }
+
+ private:
+  const Problem<T>& pr_;
+  bool avx2_;
+  T* packed_ = nullptr;
+  uint8_t* done_ = nullptr;
+};
+
+// The items (region i, part s) a thread owns: [begin, end), taken in order through next.
+struct alignas(64) OwnedItems {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
+// Splits items 0..items (of block row item / splits) into `threads` contiguous ranges of
+// about equal work, counted as the row's blocks + 1 (a row without blocks still writes y).
+inline void own_items(const int32_t* row_offsets, int64_t items, int64_t splits,
+                      std::vector<OwnedItems>& owned) {
+  const int64_t threads = static_cast<int64_t>(owned.size());
+  const int64_t rows = items / splits;
+  const int64_t total = splits * (row_offsets[rows] + rows);
+  int64_t t = 0, done = 0;
+  owned[0].next.store(0, std::memory_order_relaxed);
+  for (int64_t item = 0; item < items && t + 1 < threads; ++item) {
+    const int64_t i = item / splits;
+    done += row_offsets[i + 1] - row_offsets[i] + 1;
+    while (t + 1 < threads && done * threads >= total * (t + 1)) {
+      owned[t].end = item + 1;
+      owned[++t].next.store(item + 1, std::memory_order_relaxed);
+    }
+  }
+  for (; t + 1 < threads; ++t) {
+    owned[t].end = items;
+    owned[t + 1].next.store(items, std::memory_order_relaxed);
+  }
+  owned[threads - 1].end = items;
+}
+
+template <typename T, Square Sq>
+void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
+  if (pr.block_rows == 0 || pr.rows == 0 || pr.cols == 0) return;
+#if PXKERN_HAVE_AVX2_PATH
+  const bool avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
+  const int64_t lanes = avx2 ? Avx2<T>::kLanes : 1;
+#else
+  (void)isa;
+  const bool avx2 = false;
+  const int64_t lanes = 1;
+#endif
+  const int threads = resolve_threads(num_threads);
+  // Split regions only as far as needed for ~4 items per thread; columns are split in
+  // whole packed panels or vectors.
+  const int64_t col_unit = pr.b_packed_cols > 0 ? pr.b_packed_cols : lanes;
+  const int64_t split_units = pr.split_rows ? pr.rows : (pr.cols + col_unit - 1) / col_unit;
+  const int64_t splits = std::min(
+      split_units, std::max<int64_t>(1, (4 * threads + pr.block_rows - 1) / pr.block_rows));
+  const int64_t items = pr.block_rows * splits;
+  // Each thread owns a contiguous range of items with a like share of the blocks, and
+  // takes the next item of another range once its own is done. Why not dynamic
+  // scheduling: it hands a region to whichever thread comes first, so from call to call
+  // the rows of y, and with packing the x panels, were written on one core and read or
+  // overwritten on the other. When this VM's two vCPUs sit on cores that share no cache,
+  // those transfers cost up to 1.7x (2048 x 2048 W with 32 x 32 blocks, x 2048 x 256,
+  // block density 0.1: 1.9 ms against 1.14 ms, while owned ranges with per-thread panels
+  // kept 1.14-1.24 ms). Taking from other ranges keeps a thread whose vCPU the host
+  // slows from holding up the call.
+  std::vector<OwnedItems> owned(threads);
+  own_items(pr.row_offsets, items, splits, owned);
+#pragma omp parallel num_threads(threads) if (items > 1)
+  {
+    Problem<T> mine = pr;
+    std::optional<ThreadPanels<T>> panels;
+    if (pr.unpacked_x != nullptr) {
+      panels.emplace(pr, avx2);
+      mine.b = panels->data();
+    }
+    const int self = cpu::thread_index();
+    for (int j = 0; j < threads; ++j) {
+      OwnedItems& range = owned[(self + j) % threads];
+      for (int64_t item = range.next.fetch_add(1, std::memory_order_relaxed); item < range.end;
+           item = range.next.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t i = item / splits, s = item % splits;
+        if (panels) panels->prepare_row(i);
+        const int64_t lo = balanced_start(split_units, splits, s);
+        const int64_t hi = balanced_start(split_units, splits, s + 1);
+        if (pr.split_rows) {
+          region<T, Sq>(mine, avx2, i, lo, hi, 0, pr.cols);
+        } else {
+          region<T, Sq>(mine, avx2, i, 0, pr.rows, lo * col_unit, std::min(pr.cols, hi * col_unit));
+        }
+      }
+    }
+  }
+}
+
+// The instantiation of multiply that squares `weight` (the operand holding W) if
+// square_weight, else the plain one.
+template <typename T>
+void multiply(const Problem<T>& pr, bool square_weight, Square weight, Isa isa,
+              int num_threads) {
+  switch (square_weight ? weight : Square::kNone) {
+    case Square::kNone: multiply<T, Square::kNone>(pr, isa, num_threads); break;
+    case Square::kA: multiply<T, Square::kA>(pr, isa, num_threads); break;
+    case Square::kB: multiply<T, Square::kB>(pr, isa, num_threads); break;
+  }
+}
+
 // y [m, n] = W x + bias[:, None] for W [m, k] in BSR form (bm x bn blocks) and x [k, n];
 // W∘W instead of W if square_weight. bias may be nullptr. The structure must pass
 // check_structure. num_threads <= 0 uses the OpenMP default.
@@ -490,34 +599,19 @@ void bsr_dense_mm(const T* values, const int32_t* row_offsets, const int32_t* co
                 y, n, bm * n, bm, n,
                 bias, bm, /*bias_per_row=*/true, /*split_rows=*/false};
   const int64_t nnz_blocks = row_offsets[m / bm];
-  if (nnz_blocks < kMinPanelReuse * (k / bn)) {
-    multiply(pr, square_weight, Square::kA, isa, num_threads);
-    return;
+  if (nnz_blocks >= kMinPanelReuse * (k / bn)) {
+    // x in panels of kPackedCols columns, [panels, k, kPackedCols] (the last one
+    // zero-padded), each thread its own (ThreadPanels): rows of a panel are then 96 bytes
+    // apart instead of n sizeof(T), which for power-of-two n maps the rows of an x panel
+    // to a few L1 sets and evicts them between row tiles.
+    constexpr int64_t W = kPackedCols<T>;
+    pr.b_col = bn * W;
+    pr.b_row = W;
+    pr.b_packed_cols = W;
+    pr.b_panel = k * W;
+    pr.unpacked_x = x;
+    pr.unpacked_cols = n;
   }
-  // x in panels of kPackedCols columns, [panels, k, kPackedCols] (the last one zero-padded):
-  // rows of a panel are then 96 bytes apart instead of n sizeof(T), which for power-of-two
-  // n maps the rows of an x panel to a few L1 sets and evicts them between row tiles.
-  constexpr int64_t W = kPackedCols<T>;
-  const int64_t panels = (n + W - 1) / W;
-  T* packed = workspace<T, Use::kPackedX>(panels * k * W);
-#if PXKERN_HAVE_AVX2_PATH
-  const bool avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
-#endif
-#pragma omp parallel for num_threads(resolve_threads(num_threads)) if (k * n > 32768)
-  for (int64_t q = 0; q < k; ++q) {
-#if PXKERN_HAVE_AVX2_PATH
-    if (avx2) {
-      pack_row_avx2(x + q * n, n, k, packed + q * W);
-      continue;
-    }
-#endif
-    pack_row_portable(x + q * n, n, k, packed + q * W);
-  }
-  pr.b = packed;
-  pr.b_col = bn * W;
-  pr.b_row = W;
-  pr.b_packed_cols = W;
-  pr.b_panel = k * W;
   multiply(pr, square_weight, Square::kA, isa, num_threads);
 }
 
