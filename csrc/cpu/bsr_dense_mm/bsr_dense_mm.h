@@ -57,9 +57,9 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <new>
 #include <optional>
@@ -486,34 +486,21 @@ class ThreadPanels {
   uint8_t* done_ = nullptr;
 };
 
-// The items (region i, part s) a thread owns: [begin, end), taken in order through next.
-struct alignas(64) OwnedItems {
-  std::atomic<int64_t> next{0};
-  int64_t end = 0;
-};
-
-// Splits items 0..items (of block row item / splits) into `threads` contiguous ranges of
-// about equal work, counted as the row's blocks + 1 (a row without blocks still writes y).
-inline void own_items(const int32_t* row_offsets, int64_t items, int64_t splits,
-                      std::vector<OwnedItems>& owned) {
-  const int64_t threads = static_cast<int64_t>(owned.size());
+// Range ends (cpu::OwnedRanges) for items 0..items, item / splits being the block row,
+// with about equal work per thread: a row's blocks + 1 (a row without blocks still writes
+// y).
+inline std::vector<int64_t> block_row_ranges(const int32_t* row_offsets, int64_t items,
+                                             int64_t splits, int threads) {
   const int64_t rows = items / splits;
   const int64_t total = splits * (row_offsets[rows] + rows);
+  std::vector<int64_t> ends(threads, items);
   int64_t t = 0, done = 0;
-  owned[0].next.store(0, std::memory_order_relaxed);
   for (int64_t item = 0; item < items && t + 1 < threads; ++item) {
     const int64_t i = item / splits;
     done += row_offsets[i + 1] - row_offsets[i] + 1;
-    while (t + 1 < threads && done * threads >= total * (t + 1)) {
-      owned[t].end = item + 1;
-      owned[++t].next.store(item + 1, std::memory_order_relaxed);
-    }
+    while (t + 1 < threads && done * threads >= total * (t + 1)) ends[t++] = item + 1;
   }
-  for (; t + 1 < threads; ++t) {
-    owned[t].end = items;
-    owned[t + 1].next.store(items, std::memory_order_relaxed);
-  }
-  owned[threads - 1].end = items;
+  return ends;
 }
 
 template <typename T, Square Sq>
@@ -535,42 +522,43 @@ void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
   const int64_t splits = std::min(
       split_units, std::max<int64_t>(1, (4 * threads + pr.block_rows - 1) / pr.block_rows));
   const int64_t items = pr.block_rows * splits;
-  // Each thread owns a contiguous range of items with a like share of the blocks, and
-  // takes the next item of another range once its own is done. Why not dynamic
-  // scheduling: it hands a region to whichever thread comes first, so from call to call
-  // the rows of y, and with packing the x panels, were written on one core and read or
-  // overwritten on the other. When this VM's two vCPUs sit on cores that share no cache,
-  // those transfers cost up to 1.7x (2048 x 2048 W with 32 x 32 blocks, x 2048 x 256,
-  // block density 0.1: 1.9 ms against 1.14 ms, while owned ranges with per-thread panels
-  // kept 1.14-1.24 ms). Taking from other ranges keeps a thread whose vCPU the host
-  // slows from holding up the call.
-  std::vector<OwnedItems> owned(threads);
-  own_items(pr.row_offsets, items, splits, owned);
+  // Threads own ranges of regions with a like share of the blocks (cpu::OwnedRanges),
+  // so that a row of y, and with packing a thread's x panels, stay on one core from call
+  // to call. With OpenMP's dynamic schedule, when this VM's two vCPUs sat on cores that
+  // share no cache, the 2048 x 2048 W with 32 x 32 blocks at block density 0.1 times x
+  // 2048 x 256 took 1.9 ms instead of 1.14 ms (C++ harness, phase after phase).
+  cpu::OwnedRanges ranges(block_row_ranges(pr.row_offsets, items, splits, threads));
+  // An exception must not leave an OpenMP region: a thread that cannot allocate its panels
+  // leaves its range to the others, and the failure is raised after the region.
+  std::exception_ptr failure;
 #pragma omp parallel num_threads(threads) if (items > 1)
   {
     Problem<T> mine = pr;
     std::optional<ThreadPanels<T>> panels;
+    bool ready = true;
     if (pr.unpacked_x != nullptr) {
-      panels.emplace(pr, avx2);
-      mine.b = panels->data();
-    }
-    const int self = cpu::thread_index();
-    for (int j = 0; j < threads; ++j) {
-      OwnedItems& range = owned[(self + j) % threads];
-      for (int64_t item = range.next.fetch_add(1, std::memory_order_relaxed); item < range.end;
-           item = range.next.fetch_add(1, std::memory_order_relaxed)) {
-        const int64_t i = item / splits, s = item % splits;
-        if (panels) panels->prepare_row(i);
-        const int64_t lo = balanced_start(split_units, splits, s);
-        const int64_t hi = balanced_start(split_units, splits, s + 1);
-        if (pr.split_rows) {
-          region<T, Sq>(mine, avx2, i, lo, hi, 0, pr.cols);
-        } else {
-          region<T, Sq>(mine, avx2, i, 0, pr.rows, lo * col_unit, std::min(pr.cols, hi * col_unit));
-        }
+      try {
+        panels.emplace(pr, avx2);
+        mine.b = panels->data();
+      } catch (...) {
+        ready = false;
+#pragma omp critical(pxkern_bsr_failure)
+        failure = std::current_exception();
       }
     }
+    if (ready) ranges.run(cpu::thread_index(), [&](int64_t item) {
+      const int64_t i = item / splits, s = item % splits;
+      if (panels) panels->prepare_row(i);
+      const int64_t lo = balanced_start(split_units, splits, s);
+      const int64_t hi = balanced_start(split_units, splits, s + 1);
+      if (pr.split_rows) {
+        region<T, Sq>(mine, avx2, i, lo, hi, 0, pr.cols);
+      } else {
+        region<T, Sq>(mine, avx2, i, 0, pr.rows, lo * col_unit, std::min(pr.cols, hi * col_unit));
+      }
+    });
   }
+  if (failure) std::rethrow_exception(failure);
 }
 
 // The instantiation of multiply that squares `weight` (the operand holding W) if
