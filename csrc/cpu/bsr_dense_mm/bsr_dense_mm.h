@@ -169,6 +169,7 @@ struct Problem {
   // x [k, unpacked_cols] into panels of its own (ThreadPanels); nullptr: b is read as is.
   const T* unpacked_x = nullptr;
   int64_t unpacked_cols = 0;
+  int64_t k = 0;  // columns of W: x holds k values per column (mm) or per row (linear)
 };
 
 // One register tile: rows [r0, r0 + rows) x columns [c0, c0 + cols) of region d, summing
@@ -194,6 +195,10 @@ struct Tile {
 // in both layouts, equal for 16x16; 128 KB and unbounded chunks were 1-3% slower again.
 constexpr int64_t kChunkBytes = 64 * 1024;
 constexpr int64_t kMinChunkDepth = 32;
+// x larger than this is taken to stream from memory, and regions are cut into parts whose
+// slice of x is about kXPartBytes, within a core's L2 (see multiply).
+constexpr int64_t kStreamedXBytes = 8 << 20;
+constexpr int64_t kXPartBytes = 512 << 10;
 // Region rows processed together against one chunk (bounds the A panel of a chunk).
 constexpr int64_t kRowGroup = 64;
 
@@ -441,40 +446,44 @@ PXKERN_AVX2_FN void pack_row_avx2(const T* row, int64_t n, int64_t k, T* packed)
 }
 #endif
 
-// The calling thread's own packed copy of x (Problem::unpacked_x): a block column's rows
-// are packed when a block row of this thread first uses it in this call, so that every
-// panel a thread reads is one it wrote itself.
+// The calling thread's own packed copy of x (Problem::unpacked_x): the columns of one part
+// of the regions (see multiply) of a block column's rows are packed when a block row of
+// this thread first uses them, so that every panel a thread reads is one it wrote itself.
 template <typename T>
 class ThreadPanels {
  public:
   ThreadPanels(const Problem<T>& pr, bool avx2) : pr_(pr), avx2_(avx2) {
-    const int64_t k = pr.b_panel / kPackedCols<T>;
     packed_ = workspace<T, Use::kPackedX>((pr.unpacked_cols + kPackedCols<T> - 1) /
                                           kPackedCols<T> * pr.b_panel);
     thread_local std::vector<uint8_t> packed_columns;
-    packed_columns.assign(k / pr.depth, 0);
+    packed_columns.resize(pr.k / pr.depth);
     done_ = packed_columns.data();
   }
 
   T* data() const { return packed_; }
 
-  // Packs the block columns of block row i not packed yet.
-  void prepare_row(int64_t i) {
-    const int64_t n = pr_.unpacked_cols, k = pr_.b_panel / kPackedCols<T>, rows = pr_.depth;
+  // Packs columns [c_lo, c_hi) (c_lo a multiple of kPackedCols) of the block columns of
+  // block row i not packed yet for `part`; a new part starts afresh.
+  void prepare(int64_t i, int64_t part, int64_t c_lo, int64_t c_hi) {
+    const int64_t n = pr_.unpacked_cols, k = pr_.k, rows = pr_.depth;
+    if (part != part_) {
+      std::fill(done_, done_ + k / rows, uint8_t(0));
+      part_ = part;
+    }
     for (int64_t p = pr_.row_offsets[i]; p < pr_.row_offsets[i + 1]; ++p) {
       const int64_t col = pr_.column_indices[p];
       if (done_[col]) continue;
       done_[col] = 1;
       for (int64_t q = col * rows; q < (col + 1) * rows; ++q) {
-        const T* row = pr_.unpacked_x + q * n;
-        T* dst = packed_ + q * kPackedCols<T>;
+        const T* row = pr_.unpacked_x + q * n + c_lo;
+        T* dst = packed_ + c_lo / kPackedCols<T> * pr_.b_panel + q * kPackedCols<T>;
 #if PXKERN_HAVE_AVX2_PATH
         if (avx2_) {
-          pack_row_avx2(row, n, k, dst);
+          pack_row_avx2(row, c_hi - c_lo, k, dst);
           continue;
         }
 #endif
-        pack_row_portable(row, n, k, dst);
+        pack_row_portable(row, c_hi - c_lo, k, dst);
       }
     }
   }
@@ -484,19 +493,18 @@ class ThreadPanels {
   bool avx2_;
   T* packed_ = nullptr;
   uint8_t* done_ = nullptr;
+  int64_t part_ = -1;
 };
 
-// Range ends (cpu::OwnedRanges) for items 0..items, item / splits being the block row,
-// with about equal work per thread: a row's blocks + 1 (a row without blocks still writes
-// y).
+// Range ends (cpu::OwnedRanges) for items 0..items, item % rows being the block row, with
+// about equal work per thread: a row's blocks + 1 (a row without blocks still writes y).
 inline std::vector<int64_t> block_row_ranges(const int32_t* row_offsets, int64_t items,
-                                             int64_t splits, int threads) {
-  const int64_t rows = items / splits;
-  const int64_t total = splits * (row_offsets[rows] + rows);
+                                             int64_t rows, int threads) {
+  const int64_t total = items / rows * (row_offsets[rows] + rows);
   std::vector<int64_t> ends(threads, items);
   int64_t t = 0, done = 0;
   for (int64_t item = 0; item < items && t + 1 < threads; ++item) {
-    const int64_t i = item / splits;
+    const int64_t i = item % rows;
     done += row_offsets[i + 1] - row_offsets[i] + 1;
     while (t + 1 < threads && done * threads >= total * (t + 1)) ends[t++] = item + 1;
   }
@@ -515,19 +523,25 @@ void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
   const int64_t lanes = 1;
 #endif
   const int threads = resolve_threads(num_threads);
-  // Split regions only as far as needed for ~4 items per thread; columns are split in
-  // whole packed panels or vectors.
+  // Regions are cut into `parts` along N (mm, in whole packed panels or vectors) or the
+  // batch (linear): as far as needed for ~4 items per thread, and, when x is too large to
+  // stay in cache (kStreamedXBytes), into parts whose slice of x fits kXPartBytes. Items
+  // run part by part (item / block_rows is the part), so that a slice of x comes from
+  // memory once and from cache for every block row, not once per block.
   const int64_t col_unit = pr.b_packed_cols > 0 ? pr.b_packed_cols : lanes;
   const int64_t split_units = pr.split_rows ? pr.rows : (pr.cols + col_unit - 1) / col_unit;
-  const int64_t splits = std::min(
-      split_units, std::max<int64_t>(1, (4 * threads + pr.block_rows - 1) / pr.block_rows));
-  const int64_t items = pr.block_rows * splits;
+  const int64_t x_bytes = (pr.split_rows ? pr.rows : pr.cols) * pr.k * static_cast<int64_t>(sizeof(T));
+  const int64_t parts = std::min(
+      split_units,
+      std::max({int64_t{1}, (4 * threads + pr.block_rows - 1) / pr.block_rows,
+                x_bytes > kStreamedXBytes ? (x_bytes + kXPartBytes - 1) / kXPartBytes : 1}));
+  const int64_t items = pr.block_rows * parts;
   // Threads own ranges of regions with a like share of the blocks (cpu::OwnedRanges),
   // so that a row of y, and with packing a thread's x panels, stay on one core from call
   // to call. With OpenMP's dynamic schedule, when this VM's two vCPUs sat on cores that
   // share no cache, the 2048 x 2048 W with 32 x 32 blocks at block density 0.1 times x
   // 2048 x 256 took 1.9 ms instead of 1.14 ms (C++ harness, phase after phase).
-  cpu::OwnedRanges ranges(block_row_ranges(pr.row_offsets, items, splits, threads));
+  cpu::OwnedRanges ranges(block_row_ranges(pr.row_offsets, items, pr.block_rows, threads));
   // An exception must not leave an OpenMP region: a thread that cannot allocate its panels
   // leaves its range to the others, and the failure is raised after the region.
   std::exception_ptr failure;
@@ -547,10 +561,10 @@ void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
       }
     }
     if (ready) ranges.run(cpu::thread_index(), [&](int64_t item) {
-      const int64_t i = item / splits, s = item % splits;
-      if (panels) panels->prepare_row(i);
-      const int64_t lo = balanced_start(split_units, splits, s);
-      const int64_t hi = balanced_start(split_units, splits, s + 1);
+      const int64_t i = item % pr.block_rows, part = item / pr.block_rows;
+      const int64_t lo = balanced_start(split_units, parts, part);
+      const int64_t hi = balanced_start(split_units, parts, part + 1);
+      if (panels) panels->prepare(i, part, lo * col_unit, std::min(pr.cols, hi * col_unit));
       if (pr.split_rows) {
         region<T, Sq>(mine, avx2, i, lo, hi, 0, pr.cols);
       } else {
@@ -586,6 +600,7 @@ void bsr_dense_mm(const T* values, const int32_t* row_offsets, const int32_t* co
                 bn, row_offsets, column_indices, m / bm,
                 y, n, bm * n, bm, n,
                 bias, bm, /*bias_per_row=*/true, /*split_rows=*/false};
+  pr.k = k;
   const int64_t nnz_blocks = row_offsets[m / bm];
   if (nnz_blocks >= kMinPanelReuse * (k / bn)) {
     // x in panels of kPackedCols columns, [panels, k, kPackedCols] (the last one
@@ -633,6 +648,7 @@ void bsr_linear(const T* values, const int32_t* row_offsets, const int32_t* colu
                 bn, row_offsets, column_indices, m / bm,
                 y, m, bm, batch, bm,
                 bias, bm, /*bias_per_row=*/false, /*split_rows=*/true};
+  pr.k = k;
   multiply(pr, square_weight, Square::kB, isa, num_threads);
 }
 

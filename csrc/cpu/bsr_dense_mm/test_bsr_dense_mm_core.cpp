@@ -148,6 +148,9 @@ int main() {
       {256, 64, 8, 16, 53, 0.9, true},
       {512, 96, 16, 8, 70, 1.0, false},
       {12, 20, 12, 4, 9, 1.0, true},  // blocks narrower than a vector
+      // x over kStreamedXBytes (8.5 MB in float32): regions are cut into parts along N /
+      // the batch and run part by part, bsr_dense_mm packing each part's panels.
+      {32, 256, 8, 32, 8300, 1.0, true},
   };
   std::vector<Isa> isas{Isa::kPortable};
   if (pxkern::bsr_dense_mm::cpu_has_avx2_fma()) isas.push_back(Isa::kAvx2);
