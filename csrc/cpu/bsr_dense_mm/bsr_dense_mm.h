@@ -36,18 +36,20 @@
 // rows n s bytes apart (power-of-two n) fall into a few L1 sets and evict each other
 // between the row tiles; packed rows are W s bytes apart. Each thread packs the block
 // columns its block rows use into panels of its own.
-// OpenMP over block rows, each region split along N (mm) or B (linear) when there are
-// fewer than 4 block rows per thread: each thread owns a contiguous range of regions with
-// a like share of the blocks and then helps with the others' (see multiply). No
-// allocation in the hot loop: the packed x and bsr_linear's transposed blocks live in a
-// per-thread workspace kept across calls.
+// OpenMP over block rows, each region cut into parts along N (mm) or B (linear) when there
+// are fewer than 4 block rows per thread, or when x is too large for the caches (parts
+// whose slice of x is ~kXPartBytes, run part by part); each thread owns a contiguous
+// range of (part, region) items with a like share of the blocks and then helps with the
+// others' (see multiply). No allocation in the hot loop: the packed x and bsr_linear's
+// transposed blocks live in a per-thread workspace kept across calls.
 // AVX2+FMA path chosen at run time (see ../isa.h); a portable path with the same loops
 // otherwise, or when PXKERN_CPU_ISA=portable.
 //
 // Work and traffic (N := B for linear, s = sizeof(T)):
 //   FLOPs  = 2 nnz_blocks bm bn N; square_weight adds one multiply per weight element
 //            loaded into a register (the same traffic).
-//   DRAM   ~ s (nnz_blocks bm bn + K N + M N) + 4 (nnz_blocks + M / bm + 1); linear
+//   DRAM   ~ s (nnz_blocks bm bn + K N + M N) + 4 (nnz_blocks + M / bm + 1), the values
+//            once per part when x is cut into parts (they then come from L3); linear
 //            without the caller's transposed blocks also reads values and writes and reads
 //            their transposed copy (3 s nnz_blocks bm bn instead of 1).
 //            bsr_dense_mm adds, per thread, a read and write of the part of x its block
