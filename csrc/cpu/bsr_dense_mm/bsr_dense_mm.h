@@ -532,7 +532,8 @@ void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
   // memory once and from cache for every block row, not once per block.
   const int64_t col_unit = pr.b_packed_cols > 0 ? pr.b_packed_cols : lanes;
   const int64_t split_units = pr.split_rows ? pr.rows : (pr.cols + col_unit - 1) / col_unit;
-  const int64_t x_bytes = (pr.split_rows ? pr.rows : pr.cols) * pr.k * static_cast<int64_t>(sizeof(T));
+  const int64_t x_bytes =
+      (pr.split_rows ? pr.rows : pr.cols) * pr.k * static_cast<int64_t>(sizeof(T));
   const int64_t parts = std::min(
       split_units,
       std::max({int64_t{1}, (4 * threads + pr.block_rows - 1) / pr.block_rows,

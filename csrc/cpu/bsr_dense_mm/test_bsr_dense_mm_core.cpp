@@ -29,7 +29,8 @@ bool compare(const char* what, const Case& c, bool square, Isa isa, int threads,
     const double err = std::fabs(static_cast<double>(out[i]) - ref[i]);
     if (!(err <= tol * (1.0 + magnitude[i]))) {
       std::printf(
-          "FAIL %s%s %s isa=%s threads=%d m=%lld k=%lld block=%lldx%lld n=%lld density=%.2f bias=%d: "
+          "FAIL %s%s %s isa=%s threads=%d m=%lld k=%lld block=%lldx%lld n=%lld density=%.2f "
+          "bias=%d: "
           "flat index %zu got %.9g expected %.9g (abs err %.3g)\n",
           what, square ? " square_weight" : "", sizeof(T) == 4 ? "float32" : "float64",
           isa == Isa::kAvx2 ? "avx2" : "portable", threads, (long long)c.m, (long long)c.k,
@@ -54,7 +55,8 @@ bool check_case(const Case& c, bool square, Isa isa, int threads, double tol, st
   // y = W x + bias[:, None] (W∘W if square) and its transpose, by definition in double.
   // magnitude: the sum of the terms' magnitudes, which bounds the rounding error of any
   // summation order (the kernels' tolerance is relative to it).
-  std::vector<double> ref(c.m * c.n), ref_t(c.n * c.m), magnitude(c.m * c.n), magnitude_t(c.n * c.m);
+  std::vector<double> ref(c.m * c.n), ref_t(c.n * c.m);
+  std::vector<double> magnitude(c.m * c.n), magnitude_t(c.n * c.m);
   for (int64_t i = 0; i < c.m; ++i)
     for (int64_t j = 0; j < c.n; ++j) {
       double acc = c.bias ? bias[i] : 0.0, size = std::fabs(acc);

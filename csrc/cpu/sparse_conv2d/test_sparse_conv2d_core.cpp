@@ -77,7 +77,8 @@ bool check_case(const Case& k, Isa isa, bool channels_last, int threads, double 
     const double err = std::fabs(got - ref[i]);
     if (!(err <= tol * (1.0 + std::fabs(ref[i])))) {
       std::printf(
-          "FAIL %s isa=%s%s threads=%d n=%lld c_in=%lld h=%lld w=%lld c_out=%lld k=%lldx%lld groups=%lld "
+          "FAIL %s isa=%s%s threads=%d n=%lld c_in=%lld h=%lld w=%lld c_out=%lld k=%lldx%lld "
+          "groups=%lld "
           "stride=%lld,%lld pad=%lld,%lld dil=%lld,%lld density=%.2f bias=%d: flat index %zu "
           "got %.9g expected %.9g (abs err %.3g)\n",
           sizeof(T) == 4 ? "float32" : "float64", isa == Isa::kAvx2 ? "avx2" : "portable",
