@@ -168,9 +168,8 @@ struct Problem {
   bool bias_per_row;
   bool split_rows;  // split a region along its rows (else its columns) between threads
   // bsr_dense_mm with packing: b_* describe the packed panels, and each thread packs this
-  // x [k, unpacked_cols] into panels of its own (ThreadPanels); nullptr: b is read as is.
+  // x [k, cols] into panels of its own (ThreadPanels); nullptr: b is read as is.
   const T* unpacked_x = nullptr;
-  int64_t unpacked_cols = 0;
   int64_t k = 0;  // columns of W: x holds k values per column (mm) or per row (linear)
 };
 
@@ -455,7 +454,7 @@ template <typename T>
 class ThreadPanels {
  public:
   ThreadPanels(const Problem<T>& pr, bool avx2) : pr_(pr), avx2_(avx2) {
-    packed_ = workspace<T, Use::kPackedX>((pr.unpacked_cols + kPackedCols<T> - 1) /
+    packed_ = workspace<T, Use::kPackedX>((pr.cols + kPackedCols<T> - 1) /
                                           kPackedCols<T> * pr.b_panel);
     thread_local std::vector<uint8_t> packed_columns;
     packed_columns.resize(pr.k / pr.depth);
@@ -467,7 +466,7 @@ class ThreadPanels {
   // Packs columns [c_lo, c_hi) (c_lo a multiple of kPackedCols) of the block columns of
   // block row i not packed yet for `part`; a new part starts afresh.
   void prepare(int64_t i, int64_t part, int64_t c_lo, int64_t c_hi) {
-    const int64_t n = pr_.unpacked_cols, k = pr_.k, rows = pr_.depth;
+    const int64_t n = pr_.cols, k = pr_.k, rows = pr_.depth;
     if (part != part_) {
       std::fill(done_, done_ + k / rows, uint8_t(0));
       part_ = part;
@@ -567,12 +566,13 @@ void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
       const int64_t i = item % pr.block_rows, part = item / pr.block_rows;
       const int64_t lo = balanced_start(split_units, parts, part);
       const int64_t hi = balanced_start(split_units, parts, part + 1);
-      if (panels) panels->prepare(i, part, lo * col_unit, std::min(pr.cols, hi * col_unit));
       if (pr.split_rows) {
         region<T, Sq>(mine, avx2, i, lo, hi, 0, pr.cols);
-      } else {
-        region<T, Sq>(mine, avx2, i, 0, pr.rows, lo * col_unit, std::min(pr.cols, hi * col_unit));
+        return;
       }
+      const int64_t c_lo = lo * col_unit, c_hi = std::min(pr.cols, hi * col_unit);
+      if (panels) panels->prepare(i, part, c_lo, c_hi);
+      region<T, Sq>(mine, avx2, i, 0, pr.rows, c_lo, c_hi);
     });
   }
   if (failure) std::rethrow_exception(failure);
@@ -616,7 +616,6 @@ void bsr_dense_mm(const T* values, const int32_t* row_offsets, const int32_t* co
     pr.b_packed_cols = W;
     pr.b_panel = k * W;
     pr.unpacked_x = x;
-    pr.unpacked_cols = n;
   }
   multiply(pr, square_weight, Square::kA, isa, num_threads);
 }
