@@ -14,6 +14,10 @@ pxkern runs.
 ``--breakdown`` instead profiles one pxkern prune (``torch.profiler``, which adds a few
 percent) and shows, per round, the time of streams A, B and C, of the rest of
 ``px_scores`` and of the mask selection, in eval forwards: where the prune's time goes.
+It then sums, over the whole prune, the kernels every exact evaluation of the streams
+runs (the convolutions of A and B with the faster of oneDNN and ``sparse_conv2d``, C's,
+the ReLU gates), times the authors' loop once, and prints the speedup a prune that ran
+nothing but those kernels would reach: the ceiling of this algorithm on these kernels.
 
 Every time is the median of ``--repeats`` runs after one warm-up; the forward, pxkern and
 the authors' algorithm run in turn within each repeat, so machine drift hits all alike. The authors' float32
@@ -111,9 +115,7 @@ def authors_prune(model: nn.Module, x: torch.Tensor, density: float, rounds: int
 
 
 def prune_row(rounds: int, quick: bool) -> dict:
-    torch.manual_seed(0)
-    base = cifar_resnet(20)
-    x = torch.randn(32 if quick else 128, 3, 32, 32)
+    base, x = _prune_inputs(quick)
     with torch.no_grad():
         forward = median_seconds(lambda: base.eval()(x), repeats=3)
     def ours_once() -> float:
@@ -140,6 +142,17 @@ def prune_row(rounds: int, quick: bool) -> dict:
 
 STAGES = (("A", "stream A"), ("B", "stream B"), ("C", "stream C"), ("setup", "setup"), ("select", "select"))
 
+# The kernels of an exact evaluation of the streams on the CPU, by profiler op name: A and
+# B run float32 convolutions (oneDNN, or sparse_conv2d where it measured faster), C float64
+# ones, which oneDNN lacks (ATen's slow_conv2d). No executor can skip them; everything else
+# a round does (residual adds, BatchNorm, rescaling, mask selection, Python) is overhead
+# that a leaner one could cut.
+KERNEL_GROUPS = {
+    "A and B convolutions": ("aten::mkldnn_convolution", "pxkern::sparse_conv2d"),
+    "C convolutions": ("aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"),
+    "ReLU gates": ("pxkern::relu_gate",),
+}
+
 
 def _range_durations(profile, label: str) -> list[float]:
     """Durations (s) of the profiler ranges named ``label``, in the order they began."""
@@ -147,13 +160,27 @@ def _range_durations(profile, label: str) -> list[float]:
     return [e.time_range.elapsed_us() * 1e-6 for e in events]
 
 
-def prune_breakdown(rounds: int, quick: bool) -> list[dict]:
+def _kernel_seconds(profile) -> dict[str, float]:
+    """Self time (s) of each group of KERNEL_GROUPS in ``profile``."""
+    totals = dict.fromkeys(KERNEL_GROUPS, 0.0)
+    for event in profile.key_averages():
+        for group, ops in KERNEL_GROUPS.items():
+            if event.key in ops:
+                totals[group] += event.self_cpu_time_total * 1e-6
+    return totals
+
+
+def _prune_inputs(quick: bool) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return cifar_resnet(20), torch.randn(32 if quick else 128, 3, 32, 32)
+
+
+def prune_breakdown(rounds: int, quick: bool) -> tuple[list[dict], dict[str, float]]:
     """One ``pxkern.prune`` of the benchmark's ResNet-20 under ``torch.profiler``: per round,
     the time of streams A, B and C, of the rest of ``px_scores`` (setup: checks, parameter
-    substitutions) and of selecting the masks, each also in eval forwards of the model."""
-    torch.manual_seed(0)
-    base = cifar_resnet(20)
-    x = torch.randn(32 if quick else 128, 3, 32, 32)
+    substitutions) and of selecting the masks, each also in eval forwards of the model;
+    and the seconds of each kernel group (KERNEL_GROUPS) over the whole prune."""
+    base, x = _prune_inputs(quick)
 
     def forward_times() -> list[float]:
         with torch.no_grad():
@@ -179,7 +206,7 @@ def prune_breakdown(rounds: int, quick: bool) -> list[dict]:
             row[f"{key}_per_forward"] = seconds[key][index] / forward
         row["round_per_forward"] = sum(seconds[key][index] for key, _ in STAGES) / forward
         rows.append(row)
-    return rows
+    return rows, _kernel_seconds(profile)
 
 
 def print_breakdown(rows: list[dict]) -> None:
@@ -201,12 +228,33 @@ COLUMNS = (
 )
 
 
+def kernel_ceiling(kernels: dict[str, float], rows: list[dict], rounds: int, quick: bool) -> dict:
+    """The profiled prune's kernel time against the authors' loop, timed once here (after
+    one untimed round, as in the prune row): the speedup of a prune that ran nothing but
+    the kernels, and of the profiled prune itself."""
+    base, x = _prune_inputs(quick)
+    authors_prune(base, x, 0.018, 1)
+    authors = median_seconds(lambda: authors_prune(base, x, 0.018, rounds), warmup=0, repeats=1)
+    prune_seconds = sum(r[f"{key}_ms"] for r in rows for key, _ in STAGES) * 1e-3
+    floor = sum(kernels.values())
+    print(f"\nKernels over the whole prune (profiled), against the authors' loop ({authors:.2f} s)")
+    table = [{"part": name, "seconds": seconds, "share": seconds / prune_seconds} for name, seconds in kernels.items()]
+    table += [{"part": "the kernels together", "seconds": floor, "share": floor / prune_seconds},
+              {"part": "the profiled prune", "seconds": prune_seconds, "share": 1.0}]
+    print_table(table, [("part", "part", ""), ("seconds", "seconds", ".2f"), ("share", "share of prune", ".2f")])
+    print(f"a prune that ran only these kernels: {authors / floor:.2f}x faster than the authors' loop "
+          f"(the profiled prune: {authors / prune_seconds:.2f}x)")
+    return {"kernel_seconds": kernels, "kernels_total_s": floor, "prune_profiled_s": prune_seconds,
+            "authors_s": authors, "ceiling_speedup": authors / floor, "profiled_speedup": authors / prune_seconds}
+
+
 def breakdown(rounds: int, args: argparse.Namespace) -> None:
     if rounds < 1:
         raise SystemExit("--breakdown needs --rounds >= 1")
-    rows = prune_breakdown(rounds, args.quick)
+    rows, kernels = prune_breakdown(rounds, args.quick)
     print_breakdown(rows)
-    write_json(args.json, "px_prune_breakdown", {"quick": args.quick, "rounds": rounds}, rows)
+    summary = kernel_ceiling(kernels, rows, rounds, args.quick)
+    write_json(args.json, "px_prune_breakdown", {"quick": args.quick, "rounds": rounds}, rows, summary)
     plot_stacked(
         args.plot, f"pxkern.prune of ResNet-20 (B={128 // 4 if args.quick else 128}): time per round",
         [r["round"] for r in rows], {name: [r[f"{key}_per_forward"] for r in rows] for key, name in STAGES},

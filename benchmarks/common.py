@@ -105,11 +105,15 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
 
 
-def write_json(path: str | None, benchmark: str, config: dict, rows: Sequence[dict]) -> None:
+def write_json(path: str | None, benchmark: str, config: dict, rows: Sequence[dict],
+               summary: dict | None = None) -> None:
+    """``rows`` (and a ``summary`` of the whole run, if any) with the machine and config."""
     if not path:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": benchmark, "machine": machine(), "config": config, "rows": list(rows)}
+    if summary is not None:
+        payload["summary"] = summary
     Path(path).write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
 

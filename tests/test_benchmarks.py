@@ -35,7 +35,8 @@ def test_bench_px_scores_breakdown_accounts_for_every_round(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out_json.read_text())["rows"]
+    report = json.loads(out_json.read_text())
+    rows = report["rows"]
     assert [row["round"] for row in rows] == [1, 2, 3]
     stages = ("A", "B", "C", "setup", "select")
     for row in rows:
@@ -44,6 +45,13 @@ def test_bench_px_scores_breakdown_accounts_for_every_round(tmp_path):
         parts = sum(row[f"{stage}_per_forward"] for stage in stages)
         assert row["round_per_forward"] == pytest.approx(parts)
     assert "stream A" in result.stdout and "mean" in result.stdout
+    # Every kernel group was found in the profile, and the kernels are part of the prune.
+    summary = report["summary"]
+    assert set(summary["kernel_seconds"]) == {"A and B convolutions", "C convolutions", "ReLU gates"}
+    assert all(seconds > 0 for seconds in summary["kernel_seconds"].values()), summary
+    assert summary["kernels_total_s"] < summary["prune_profiled_s"]
+    assert summary["ceiling_speedup"] > summary["profiled_speedup"] > 0
+    assert "a prune that ran only these kernels" in result.stdout
     assert out_png.stat().st_size > 0
 
 
