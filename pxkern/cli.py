@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--keep", choices=("classifier", "none"), default="classifier",
         help="what px keeps unchanged in its streams B and C besides normalization layers: the "
-        "classifier (px-spec.md, default) or nothing, as the authors' code does; other methods ignore it",
+        "classifier (px-spec.md, default) or nothing, as an earlier version of the authors' code "
+        "does (docs/px-spec-vs-official-code.md); other methods ignore it",
     )
     return parser
 

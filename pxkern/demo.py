@@ -165,7 +165,8 @@ class Demo:
         """Prune a copy of the initial model with ``method`` to ``density`` (``rounds``
         rounds, whole ``block``s if given), train it ``epochs`` epochs and measure it.
         ``keep_classifier=False`` (px only) scores with ``keep=()``: streams B and C
-        transform the classifier like every other layer, as the authors' code does."""
+        transform the classifier like every other layer, as an earlier version of the
+        authors' code does (docs/px-spec-vs-official-code.md)."""
         if not keep_classifier and method != "px":
             raise ValueError(f"keep_classifier=False is an option of method 'px', not of {method!r}")
         model = copy.deepcopy(self.initial)
