@@ -144,9 +144,10 @@ STAGES = (("A", "stream A"), ("B", "stream B"), ("C", "stream C"), ("setup", "se
 
 # The kernels of an exact evaluation of the streams on the CPU, by profiler op name: A and
 # B run float32 convolutions (oneDNN, or sparse_conv2d where it measured faster), C float64
-# ones, which oneDNN lacks (ATen's slow_conv2d). No executor can skip them; everything else
-# a round does (residual adds, BatchNorm, rescaling, mask selection, Python) is overhead
-# that a leaner one could cut.
+# ones, which oneDNN lacks (ATen's slow_conv2d). An executor that runs these kernels cannot
+# skip them; everything else a round does (residual adds, BatchNorm, rescaling, mask
+# selection, Python) is overhead that a leaner one could cut. ResNet-20's one Linear layer,
+# the 64x10 classifier, costs microseconds and is not counted.
 KERNEL_GROUPS = {
     "A and B convolutions": ("aten::mkldnn_convolution", "pxkern::sparse_conv2d"),
     "C convolutions": ("aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"),
