@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Iterator
 
 import torch
+
+from pxkern.px.scaled import largest_magnitude
 
 
 def _input_of(item: Any, index: int) -> torch.Tensor:
@@ -33,7 +36,7 @@ def iter_batches(data: torch.Tensor | Iterable[Any], device: torch.device) -> It
             )
         if x.device != device:
             raise ValueError(f"data batch {index} is on {x.device}, the model on {device}")
-        if not bool(torch.isfinite(x).all()):
+        if not math.isfinite(largest_magnitude([x])):
             raise ValueError(f"data batch {index} contains NaN or infinite values")
         count += 1
         yield x

@@ -242,6 +242,8 @@ def test_unsupported_activations_are_named(factory, fragment):
     (["not a tensor"], TypeError, "tensor"),
     ([torch.zeros(2, 20), torch.full((2, 20), float("nan"))], ValueError, "batch 1 contains NaN or infinite"),
     (torch.full((2, 20), float("inf")), ValueError, "batch 0 contains NaN or infinite"),
+    (torch.zeros(2, 20).index_fill_(1, torch.tensor([13]), -float("inf")), ValueError,
+     "batch 0 contains NaN or infinite"),
 ])
 def test_bad_data(data, error, fragment):
     model, _ = zoo.mlp()
@@ -249,11 +251,18 @@ def test_bad_data(data, error, fragment):
         px_scores(model, data)
 
 
-@pytest.mark.parametrize("kind, name", [("parameter", "0.weight"), ("buffer", "1.running_var")])
-def test_non_finite_model_values_are_named(kind, name):
-    model = nn.Sequential(nn.Linear(20, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("kind, name, index", [
+    ("parameter", "0.weight", (0, 0)),
+    # Deep inside a weight large enough for a vectorized, multi-threaded reduction.
+    ("parameter", "3.weight", (40_001, 2)),
+    ("buffer", "1.running_var", (5,)),
+])
+def test_non_finite_model_values_are_named(kind, name, index, value):
+    model = nn.Sequential(nn.Linear(20, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 65_536),
+                          nn.ReLU(), nn.Linear(65_536, 3)).eval()
     with torch.no_grad():
-        dict(getattr(model, f"named_{kind}s")())[name][0] = float("nan")
+        dict(getattr(model, f"named_{kind}s")())[name][index] = value
     with pytest.raises(ValueError, match=f"model {kind} '{name}' contains NaN or infinite"):
         px_scores(model, torch.randn(4, 20))
 
