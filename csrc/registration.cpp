@@ -25,6 +25,9 @@ TORCH_LIBRARY(pxkern, m) {
   m.def("reuse_cpu_memory(bool enable) -> ()");
   m.def("relu_gate(Tensor x, float negative_slope, Tensor(a!) y) -> (Tensor, Tensor)");
   m.def(
+      "gate_streams(Tensor a, Tensor b, Tensor? a_residual, Tensor? b_residual, "
+      "float b_residual_scale, bool relu, Tensor(a!) a_out, Tensor(b!) b_out) -> Tensor");
+  m.def(
       "bsr_px_scores(Tensor values, Tensor row_offsets, Tensor column_indices, int[2] shape, "
       "Tensor grad_out, Tensor inputs) -> Tensor");
 }
