@@ -1,5 +1,5 @@
-"""px_conv2d_forward / px_conv2d_backward (Triton through the interpreter, and the PyTorch
-composition) against the float64 autograd references of pxkern.testing."""
+"""px_conv2d_forward / px_conv2d_backward (Triton through the interpreter, the CPU kernels
+and the PyTorch composition) against the float64 autograd references of pxkern.testing."""
 
 import functools
 import re
@@ -15,7 +15,7 @@ from pxkern.testing import (
     reference_px_layer_forward,
 )
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cpp", "torch"]
 
 # (atol as a fraction of the reference's largest magnitude, rtol), per dtype of the
 # result: fp32 accumulation over <= 171 products, then one rounding to the output dtype
@@ -287,7 +287,7 @@ def forward_with(**changes):
         ({"h_offset_scale": float("inf")}, ValueError, "h_offset_scale must be finite"),
         ({"u_scale": torch.tensor(1.0)}, TypeError, "u_scale must be a Python float"),
         ({"relu": 1}, TypeError, "relu must be a bool"),
-        ({"backend": "cpp"}, ValueError, "backend must be one of ('triton', 'torch')"),
+        ({"backend": "numpy"}, ValueError, "backend must be one of ('cpp', 'triton', 'torch')"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

@@ -28,10 +28,11 @@ Backward (stream C only), with the cotangent ``g`` at C's output (after the affi
 ``h`` summed over rows and positions (``G = dR/dP`` for ``P = (W*M)^2``, spec section 3).
 
 Backends: ``"triton"`` (:mod:`pxkern.kernels.triton.px_conv2d`, implicit-GEMM kernels;
-CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``"torch"`` (``F.conv2d``
-/ ``F.conv_transpose2d`` / ``torch.nn.grad.conv2d_weight``). Both accept any memory
-format; the Triton kernels are laid out for channels-last and return channels-last
-outputs. No autograd formula: the backward is explicit.
+CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"cpp"`` (CPU float32 A and
+B: pxkern's CPU kernels, see :func:`_forward_cpp`; other dtypes take ``"torch"``) and
+``"torch"`` (``F.conv2d`` / ``F.conv_transpose2d`` / ``torch.nn.grad.conv2d_weight``). All
+accept any memory format; the Triton kernels are laid out for channels-last and return
+channels-last outputs. No autograd formula: the backward is explicit.
 """
 
 from collections.abc import Sequence
@@ -41,11 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pxkern.backend import choose_backend
+from pxkern.ops.gate_streams import gate_streams
 from pxkern.ops.px_layer_common import (
     accumulation_dtype,
     check_backward_arguments,
     check_forward_arguments,
 )
+from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
 
 __all__ = ["px_conv2d_backward", "px_conv2d_forward"]
 
@@ -148,7 +151,7 @@ def px_conv2d_forward(
     }
     check_forward_arguments(_OP, 4, x, u, h, weight, mask, bias, scale, shift, relu, multipliers)
     stride, padding, _ = _check_geometry(weight, x.shape[2:], stride, padding, dilation, groups)
-    chosen = choose_backend(_OP, x.device, backend, implemented=("triton", "torch"))
+    chosen = choose_backend(_OP, x.device, backend, implemented=("cpp", "triton", "torch"))
     if chosen == "triton":
         # Imported when it runs: ``import pxkern`` needs no Triton, and the interpreter
         # setting is read when the kernels are defined.
@@ -158,7 +161,86 @@ def px_conv2d_forward(
             x, u, h, weight, mask, bias, scale, shift, relu,
             float(u_scale), float(u_offset_scale), float(h_scale), float(h_offset_scale), stride, padding,
         )
+    if chosen == "cpp" and x.dtype == torch.float32:
+        return _forward_cpp(x, u, h, weight, mask, bias, scale, shift, relu, multipliers, stride, padding)
     return _forward_torch(x, u, h, weight, mask, bias, scale, shift, relu, multipliers, stride, padding)
+
+
+def _per_output(vector: Tensor) -> Tensor:
+    """A ``[Cout]`` factor as the shape that scales a ``[Cout, Cin, kh, kw]`` weight."""
+    return vector.reshape(-1, 1, 1, 1)
+
+
+def _folded_bias(bias: Tensor | None, factor: Tensor | None, shift: Tensor | None) -> Tensor | None:
+    """``bias * factor + shift`` with absent terms left out; None if both are absent."""
+    if bias is None:
+        return shift
+    scaled = bias if factor is None else bias * factor
+    return scaled if shift is None else scaled + shift
+
+
+def _data_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]) -> Tensor:
+    """A float32 convolution of streams A or B on whichever of oneDNN and
+    ``sparse_conv2d`` measured faster for this weight's sparsity."""
+    if prefer_sparse_conv2d(x, weight, stride, padding, 1, 1):
+        return sparse_conv2d(x, weight, bias, stride, padding)
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+def _peak(t: Tensor) -> Tensor:
+    """``max |t|`` as a 0-d float32 tensor, from one read of ``t`` in memory order."""
+    flat = t.permute(0, 2, 3, 1) if t.is_contiguous(memory_format=torch.channels_last) else t
+    low, high = torch.aminmax(flat.reshape(-1))
+    return torch.maximum(-low, high).float()
+
+
+def _forward_cpp(
+    x: Tensor, u: Tensor, h: Tensor, weight: Tensor, mask: Tensor | None, bias: Tensor | None,
+    scale: Tensor | None, shift: Tensor | None, relu: bool, multipliers: dict[str, float],
+    stride: list[int], padding: list[int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward on the CPU, float32 A and B: each stream is one convolution whose
+    weight and bias carry the BatchNorm and the stream's multipliers (A and B on oneDNN or
+    ``sparse_conv2d``, C in its accumulation dtype), then A's ReLU, B's gate and B's peak
+    in one pass (``pxkern::gate_streams``). Folding the per-channel factors into the
+    weights rounds differently from multiplying after the convolution, by float32
+    rounding."""
+    masked = weight if mask is None else weight * mask
+    # A and B in x's dtype; C takes the affine in its own (float64: its sums cancel).
+    data_scale, data_shift = (None, None) if scale is None else (scale.to(x.dtype), shift.to(x.dtype))
+    a = _data_conv(x, masked if scale is None else masked * _per_output(data_scale),
+                   _folded_bias(bias, data_scale, data_shift), stride, padding)
+    u_offset = multipliers["u_offset_scale"]
+    b_factor = (torch.full_like(a[0, :, 0, 0], multipliers["u_scale"]) if scale is None
+                else data_scale * multipliers["u_scale"])
+    ones_bias = None if bias is None else torch.ones_like(b_factor)
+    b_offset = _folded_bias(ones_bias, data_scale, data_shift)
+    b_offset = None if b_offset is None else b_offset * u_offset
+    if mask is None:
+        # All-ones weight: every output channel is the same box filter of the channel sum.
+        box = torch.ones((1, 1, *weight.shape[2:]), dtype=x.dtype)
+        summed = F.conv2d(u.sum(1, keepdim=True), box, None, stride, padding)
+        b = torch.empty_like(a)
+        torch.mul(summed, b_factor.reshape(1, -1, 1, 1), out=b)
+        if b_offset is not None:
+            b.add_(b_offset.reshape(1, -1, 1, 1))
+    else:
+        b = _data_conv(u, mask.to(x.dtype) * _per_output(b_factor), b_offset, stride, padding)
+    c_dtype = accumulation_dtype(h.dtype)
+    kernel_weight = masked.to(c_dtype).square()
+    c_scale = multipliers["h_scale"] if scale is None else scale.to(c_dtype) * multipliers["h_scale"]
+    c_bias = _folded_bias(None if bias is None else bias.to(c_dtype).square(),
+                          None if scale is None else scale.to(c_dtype),
+                          None if shift is None else shift.to(c_dtype))
+    h_offset = multipliers["h_offset_scale"]
+    c = F.conv2d(h.to(c_dtype), kernel_weight * (_per_output(c_scale) if scale is not None else c_scale),
+                 None if c_bias is None else c_bias * h_offset, stride, padding)
+    if relu:
+        a, b, _, b_peak = gate_streams(a, b, relu=True, inplace=True)
+        b_amax = torch.tensor(b_peak, dtype=torch.float32)
+    else:
+        b_amax = _peak(b)
+    return a, b, c.to(h.dtype), b_amax, c.abs().amax().to(c_dtype)
 
 
 def _per_channel(vector: Tensor, dtype: torch.dtype) -> Tensor:
@@ -242,12 +324,34 @@ def px_conv2d_backward(
             f"{_OP}: g must be [R, Cout, {out[0]}, {out[1]}] (the output of h {tuple(h.shape)} "
             f"under stride {stride} and padding {padding}), got {tuple(g.shape)}"
         )
-    chosen = choose_backend(_OP, g.device, backend, implemented=("triton", "torch"))
+    chosen = choose_backend(_OP, g.device, backend, implemented=("cpp", "triton", "torch"))
     if chosen == "triton":
         from pxkern.kernels.triton.px_conv2d import px_conv2d_backward_triton
 
         return px_conv2d_backward_triton(g, h, weight, mask, scale, stride, padding)
+    if chosen == "cpp":
+        return _backward_cpp(g, h, weight, mask, scale, stride, padding)
     return _backward_torch(g, h, weight, mask, scale, stride, padding)
+
+
+def _backward_cpp(
+    g: Tensor, h: Tensor, weight: Tensor, mask: Tensor | None, scale: Tensor | None,
+    stride: list[int], padding: list[int],
+) -> tuple[Tensor, Tensor]:
+    """The backward on the CPU: both gradients from one ``convolution_backward`` call
+    (ATen's, as autograd would run it), the scores' products in place."""
+    dtype = accumulation_dtype(h.dtype)
+    w = weight.to(dtype)
+    masked = w if mask is None else w * mask
+    g_pre = g.to(dtype) if scale is None else g.to(dtype) * _per_channel(scale, dtype)
+    g_in, grad_path, _ = torch.ops.aten.convolution_backward(
+        g_pre, h.to(dtype), masked * masked, None, stride, padding, [1, 1], False, [0, 0], 1,
+        [True, True, False],
+    )
+    scores = grad_path.abs_().mul_(w).mul_(w)
+    if mask is not None:
+        scores.mul_(mask)
+    return g_in.to(h.dtype), scores
 
 
 def _backward_torch(
