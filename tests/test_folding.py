@@ -1,6 +1,7 @@
 """BatchNorm folding in streams A and B (pxkern.px.folding): which convolutions it folds,
 that scores stay those of the float64 reference with the plan learned by one call and
 used by the next, and that a plan the forward no longer fits is detected, never used.
+Folding is the stream path's (``backend="torch"``; the fused plan folds per layer group).
 
 Tolerance: as in test_px_scores, per layer max |s - s_ref| <= 1e-4 * max |s_ref|.
 """
@@ -49,7 +50,7 @@ def _conv_batchnorm_pairs(model: nn.Module) -> set[str]:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_plan_holds_every_convolution_feeding_only_a_batchnorm(name):
     model, x = MODELS[name]()
-    px_scores(model, x)
+    px_scores(model, x, backend="torch")
     expected = _conv_batchnorm_pairs(model)
     assert expected, f"{name}: the zoo model has no convolution followed by a BatchNorm"
     assert set(plan_for(model).norms) == expected
@@ -64,7 +65,7 @@ def test_scores_with_a_learned_plan_match_reference(name, density):
     masks = None if density == 1.0 else zoo.random_masks(model, density)
     expected = reference_px_scores(model, x, masks=masks)
     for call in ("learns", "follows"):
-        actual = px_scores(model, x, masks=masks)
+        actual = px_scores(model, x, masks=masks, backend="torch")
         assert_scores_close(actual, expected)
         assert_same_topk_masks(actual, expected)
         assert plan_for(model).norms, f"{name}: nothing folded after the call that {call}"
@@ -100,10 +101,10 @@ def test_a_plan_the_forward_no_longer_fits_is_relearned(use, folded):
     torch.manual_seed(0)
     model = zoo.randomize_norms(_Switchable()).eval()
     x = torch.randn(5, 3, 6, 6)
-    px_scores(model, x)
+    px_scores(model, x, backend="torch")
     assert set(plan_for(model).norms) == {"conv.weight"}
     model.use = use
-    actual = px_scores(model, x)
+    actual = px_scores(model, x, backend="torch")
     assert_scores_close(actual, reference_px_scores(model, x))
     assert ("conv.weight" in plan_for(model).norms) == folded
 
@@ -126,7 +127,7 @@ def test_a_convolution_called_twice_is_not_folded():
     torch.manual_seed(0)
     model = zoo.randomize_norms(_SharedConv()).eval()
     x = torch.randn(3, 4, 5, 5)
-    actual = px_scores(model, x)
+    actual = px_scores(model, x, backend="torch")
     assert not plan_for(model).norms
     assert_scores_close(actual, reference_px_scores(model, x))
 
@@ -142,7 +143,7 @@ def test_one_mask_object_for_two_weights():
     assert masks["layers.0.conv1.weight"].shape == masks["layers.0.conv2.weight"].shape
     expected = reference_px_scores(model, x, masks=masks)
     for _ in range(2):
-        assert_scores_close(px_scores(model, x, masks=masks), expected)
+        assert_scores_close(px_scores(model, x, masks=masks, backend="torch"), expected)
 
 
 class _Alternating(_Switchable):
@@ -161,4 +162,4 @@ def test_stream_b_with_another_structure_than_a_is_an_error():
     # A pruned weight: B's all-ones weights run as box filters, unfolded.
     masks = {"conv.weight": torch.rand(model.conv.weight.shape) < 0.5}
     with pytest.raises(RuntimeError, match="stream B used a convolution output differently"):
-        px_scores(model, torch.randn(5, 3, 6, 6), masks=masks)
+        px_scores(model, torch.randn(5, 3, 6, 6), masks=masks, backend="torch")

@@ -10,6 +10,7 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from pxkern.memory import reused_cpu_memory
+from pxkern.px.fused import plans_reused
 from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.pruning.criteria import get_criterion, score
 from pxkern.pruning.masks import apply_masks
@@ -97,8 +98,9 @@ def prune(
     masks = {name: mask != 0 for name, mask in resolve_masks(weights, None).items()}
     total = sum(w.param.numel() for w in weights)
     bar = tqdm(densities, desc=f"pruning ({method}, {scope})", unit="round", disable=not progress)
-    # Every round allocates the same temporaries: keep their blocks from round to round.
-    with reused_cpu_memory():
+    # Every round allocates the same temporaries: keep their blocks from round to round;
+    # and the model does not change between rounds: trace it for the fused plan once.
+    with reused_cpu_memory(), plans_reused():
         for round_density in bar:
             with record_function(ROUND_LABELS["score"]):
                 scores = score(method, model, data, masks, generator=generator, **criterion_kwargs)

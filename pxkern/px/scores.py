@@ -24,7 +24,7 @@ from pxkern.memory import reused_cpu_memory
 from pxkern.px.scaled import Exponents, ScaledSum, largest_magnitude, stream_layout
 from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.px.folding import FoldMismatch, FoldPlan, new_folding, plan_for, remember_plan
-from pxkern.px.fused import FusedPlan, UnsupportedByPlan, build_plan
+from pxkern.px.fused import FusedPlan, UnsupportedByPlan, cached_plan
 from pxkern.px.streams import (
     KERNEL_DTYPE,
     LeftTrueScale,
@@ -89,11 +89,12 @@ def px_scores(
         block: ``(bm, bn)`` to score weight blocks of the ``[C_out, C_in*kh*kw]`` matrix
             instead of single weights: every weight gets its block's mean score
             (:mod:`pxkern.pruning.blocks`).
-        backend: ``"triton"`` runs the fused plan of :mod:`pxkern.px.fused` (the default
-            for CUDA models), ``"cpp"``/``"torch"`` the stream path (the default on the
-            CPU; it runs any model); also set by ``PXKERN_BACKEND``
-            (:mod:`pxkern.backend`). A model the fused plan does not run is scored on
-            the stream path, with a warning naming what it lacks.
+        backend: ``"triton"`` (the default for CUDA models) and ``"cpp"`` (the default
+            on the CPU) run the fused plan of :mod:`pxkern.px.fused` on their kernels,
+            ``"torch"`` the stream path (:mod:`pxkern.px.streams`); also set by
+            ``PXKERN_BACKEND`` (:mod:`pxkern.backend`). A model the fused plan does
+            not run is scored on the stream path, which runs any model (with a warning
+            naming what the model lacks if ``"triton"`` was chosen).
 
     Returns:
         ``{weight name: float32 tensor shaped like the weight}``: ``>= 0``, zero where
@@ -122,8 +123,11 @@ def px_scores(
     with model_state_restored(model), reused_cpu_memory():
         plan = _fused_plan(model, weights, keep, bn, dtype, backend)
         if plan is not None:
-            return _finished(_float32_scores(plan.raw_scores(batches, mask_values, weights)),
-                             block, mask_values)
+            try:
+                return _finished(_float32_scores(plan.raw_scores(batches, mask_values, weights)),
+                                 block, mask_values)
+            except LeftTrueScale:
+                pass  # stream A left float32's safe range: the stream path scales it
         parameters = stream_parameters(model, weights, mask_values, kept, dtype)
         buffers = _stream_buffers(model, weights, bn, dtype)
         v = ScaledSum()
@@ -209,20 +213,23 @@ class _CheckedBatches:
 
 def _fused_plan(model: nn.Module, weights, keep: Iterable[str], bn: str, dtype: torch.dtype,
                 backend: str | None) -> FusedPlan | None:
-    """The fused plan when the Triton backend is chosen and can run this model; None
-    means the stream path (which runs any model), with a warning if Triton was chosen."""
+    """The fused plan when the Triton or C++ backend is chosen and the plan can run this
+    model; None means the stream path (which runs any model), with a warning if Triton was
+    chosen. On the CPU the stream path is the general path and needs no warning."""
     device = weights[0].param.device
-    if choose_backend("px_scores", device, backend, implemented=BACKENDS) != "triton":
+    chosen = choose_backend("px_scores", device, backend, implemented=BACKENDS)
+    if chosen == "torch":
         return None
     try:
         if bn != "eval" or dtype != torch.float32:
             raise UnsupportedByPlan(f"bn={bn!r}, dtype={dtype} (it runs bn='eval' in float32)")
-        return build_plan(model, weights, set(keep), "triton")
+        return cached_plan(model, weights, set(keep), chosen)
     except UnsupportedByPlan as reason:
-        warnings.warn(
-            f"px_scores: the fused Triton path does not run this model ({reason}); scoring it "
-            f"on the stream path instead", stacklevel=3,
-        )
+        if chosen == "triton":
+            warnings.warn(
+                f"px_scores: the fused Triton path does not run this model ({reason}); scoring "
+                f"it on the stream path instead", stacklevel=3,
+            )
         return None
 
 
