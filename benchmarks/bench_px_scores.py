@@ -12,7 +12,8 @@ timed pxkern, authors, pxkern (after one untimed round of each), with the mean o
 pxkern runs.
 
 ``--breakdown`` instead profiles one pxkern prune (``torch.profiler``, which adds a few
-percent) and shows, per round, the time of streams A, B and C, of the rest of
+percent) and shows, per round, the time of the scoring path's stages (the fused plan's
+forward and backward, or streams A, B and C on the stream path), of the rest of
 ``px_scores`` and of the mask selection, in eval forwards: where the prune's time goes.
 It then sums, over the whole prune, the kernels every exact evaluation of the streams
 runs (the convolutions of A and B with the faster of oneDNN and ``sparse_conv2d``, C's,
@@ -55,6 +56,7 @@ from pxkern.pruning import prune
 from pxkern.pruning.prune import ROUND_LABELS
 from pxkern.pruning.schedule import exponential_densities
 from pxkern.pruning.threshold import global_keep_masks
+from pxkern.px.fused import PLAN_LABELS
 from pxkern.px.scores import STAGE_LABELS
 from pxkern.testing import reference_px_scores
 
@@ -140,7 +142,14 @@ def prune_row(rounds: int, quick: bool) -> dict:
     }
 
 
-STAGES = (("A", "stream A"), ("B", "stream B"), ("C", "stream C"), ("setup", "setup"), ("select", "select"))
+# The parts of a round: the stages of whichever path scored (the fused plan, the CPU
+# default, or the stream path for models the plan does not run), the rest of px_scores
+# (setup) and the mask selection.
+PATH_STAGES = (
+    ("forward", "plan forward", PLAN_LABELS["forward"]), ("backward", "plan backward", PLAN_LABELS["backward"]),
+    ("A", "stream A", STAGE_LABELS["A"]), ("B", "stream B", STAGE_LABELS["B"]), ("C", "stream C", STAGE_LABELS["C"]),
+)
+STAGES = tuple((key, name) for key, name, _ in PATH_STAGES) + (("setup", "setup"), ("select", "select"))
 
 # The kernels of an exact evaluation of the streams on the CPU, by profiler op name: A and
 # B run float32 convolutions (oneDNN, or sparse_conv2d where it measured faster), C float64
@@ -151,14 +160,18 @@ STAGES = (("A", "stream A"), ("B", "stream B"), ("C", "stream C"), ("setup", "se
 KERNEL_GROUPS = {
     "A and B convolutions": ("aten::mkldnn_convolution", "pxkern::sparse_conv2d"),
     "C convolutions": ("aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"),
-    "ReLU gates": ("pxkern::relu_gate",),
+    "ReLU gates": ("pxkern::relu_gate", "pxkern::gate_streams"),
 }
 
 
-def _range_durations(profile, label: str) -> list[float]:
-    """Durations (s) of the profiler ranges named ``label``, in the order they began."""
-    events = sorted((e for e in profile.events() if e.name == label), key=lambda e: e.time_range.start)
-    return [e.time_range.elapsed_us() * 1e-6 for e in events]
+def _ranges(profile, label: str) -> list:
+    """The profiler ranges named ``label``, in the order they began."""
+    return sorted((e.time_range for e in profile.events() if e.name == label), key=lambda r: r.start)
+
+
+def _seconds_within(ranges: list, outer) -> float:
+    """Seconds of the ``ranges`` that began inside the range ``outer``."""
+    return sum(r.elapsed_us() for r in ranges if outer.start <= r.start < outer.end) * 1e-6
 
 
 def _kernel_seconds(profile) -> dict[str, float]:
@@ -178,8 +191,9 @@ def _prune_inputs(quick: bool) -> tuple[nn.Module, torch.Tensor]:
 
 def prune_breakdown(rounds: int, quick: bool) -> tuple[list[dict], dict[str, float]]:
     """One ``pxkern.prune`` of the benchmark's ResNet-20 under ``torch.profiler``: per round,
-    the time of streams A, B and C, of the rest of ``px_scores`` (setup: checks, parameter
-    substitutions) and of selecting the masks, each also in eval forwards of the model;
+    the time of each stage of PATH_STAGES (zero for the path that did not run), of the rest
+    of ``px_scores`` (setup: checks, parameter substitutions) and of selecting the masks,
+    each also in eval forwards of the model;
     and the seconds of each kernel group (KERNEL_GROUPS) over the whole prune."""
     base, x = _prune_inputs(quick)
 
@@ -195,19 +209,25 @@ def prune_breakdown(rounds: int, quick: bool) -> tuple[list[dict], dict[str, flo
     # Forwards before and after the prune: one unlucky spell of the machine moves the median
     # of ten less than that of a few taken at one moment.
     forward = statistics.median(before + forward_times())
-    seconds = {key: _range_durations(profile, STAGE_LABELS[key]) for key in ("A", "B", "C")}
-    score = _range_durations(profile, ROUND_LABELS["score"])
-    seconds["setup"] = [s - a - b - c for s, a, b, c in zip(score, seconds["A"], seconds["B"], seconds["C"])]
-    seconds["select"] = _range_durations(profile, ROUND_LABELS["select"])
+    stage_ranges = {key: _ranges(profile, label) for key, _, label in PATH_STAGES}
+    select = _ranges(profile, ROUND_LABELS["select"])
     rows = []
-    for index in range(rounds):
+    for index, score in enumerate(_ranges(profile, ROUND_LABELS["score"])):
+        seconds = {key: _seconds_within(ranges, score) for key, ranges in stage_ranges.items()}
+        seconds["setup"] = score.elapsed_us() * 1e-6 - sum(seconds.values())
+        seconds["select"] = select[index].elapsed_us() * 1e-6
         row = {"round": index + 1, "forward_ms": forward * 1e3}
         for key, _ in STAGES:
-            row[f"{key}_ms"] = seconds[key][index] * 1e3
-            row[f"{key}_per_forward"] = seconds[key][index] / forward
-        row["round_per_forward"] = sum(seconds[key][index] for key, _ in STAGES) / forward
+            row[f"{key}_ms"] = seconds[key] * 1e3
+            row[f"{key}_per_forward"] = seconds[key] / forward
+        row["round_per_forward"] = sum(seconds.values()) / forward
         rows.append(row)
     return rows, _kernel_seconds(profile)
+
+
+def _stages_run(rows: list[dict]) -> tuple[tuple[str, str], ...]:
+    """The stages that took time in some round (one path's, setup and select)."""
+    return tuple((key, name) for key, name in STAGES if any(r[f"{key}_ms"] > 0 for r in rows))
 
 
 def print_breakdown(rows: list[dict]) -> None:
@@ -216,7 +236,7 @@ def print_breakdown(rows: list[dict]) -> None:
     mean = {key: sum(r[key] for r in rows) / len(rows)
             for key in rows[0] if key.endswith("_per_forward")}
     table = [rows[r - 1] for r in shown] + [{"round": "mean", **mean}]
-    columns = [("round", "round", "")] + [(f"{key}_per_forward", name, ".2f") for key, name in STAGES]
+    columns = [("round", "round", "")] + [(f"{key}_per_forward", name, ".2f") for key, name in _stages_run(rows)]
     print(f"\nWhere a prune round's time goes, in eval forwards ({rows[0]['forward_ms']:.1f} ms each)")
     print_table(table, [*columns, ("round_per_forward", "total", ".2f")])
 
@@ -258,7 +278,7 @@ def breakdown(rounds: int, args: argparse.Namespace) -> None:
     write_json(args.json, "px_prune_breakdown", {"quick": args.quick, "rounds": rounds}, rows, summary)
     plot_stacked(
         args.plot, f"pxkern.prune of ResNet-20 (B={128 // 4 if args.quick else 128}): time per round",
-        [r["round"] for r in rows], {name: [r[f"{key}_per_forward"] for r in rows] for key, name in STAGES},
+        [r["round"] for r in rows], {name: [r[f"{key}_per_forward"] for r in rows] for key, name in _stages_run(rows)},
         "round", "time / one eval forward",
     )
 
