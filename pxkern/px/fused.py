@@ -14,11 +14,14 @@ the reason it refuses anything else (a custom layer, LeakyReLU, BatchNorm with b
 statistics, forward hooks, ...): ``px_scores`` then scores the whole model on the stream
 path (:mod:`pxkern.px.streams`), which handles any model. The two paths compute the same
 scores. The plan is the default on the GPU (Triton ops: fusing the streams saves their
-memory traffic) and on the CPU (``"cpp"``: oneDNN or ``sparse_conv2d`` per layer, and the
-C++ kernel ``gate_streams`` for each ReLU with the residual add before it, in one pass:
-13% less time than the stream path over the 100-round ResNet-20 prune). The CPU plan
-leaves hidden Linear layers to the stream path, whose block-sparse kernels serve pruned
-ones.
+memory traffic) and on the CPU inside :func:`plans_reused`, as ``prune`` runs its rounds
+(``"cpp"``: oneDNN or ``sparse_conv2d`` per layer, and the C++ kernel ``gate_streams`` for
+each ReLU with the residual add before it, in one pass: 13% less time than the stream path
+over the 100-round ResNet-20 prune). A single CPU call takes the stream path, which was
+faster there (ResNet-20, B=128: 128 against 167 ms): the trace and the fresh memory of the
+plan's activations cost more than one call saves; across rounds both are reused. The CPU
+plan leaves hidden Linear layers to the stream path, whose block-sparse kernels serve
+pruned ones.
 
 Stream A runs in true scale (float32, no exponent). On the CPU its range is checked where
 the values are measured anyway, at the ReLUs between layer groups, and at the input of
@@ -51,7 +54,7 @@ from pxkern.px.scaled import ScaledSum, folded_batch_norm, largest_magnitude, ma
 from pxkern.px.streams import check_true_scale
 from pxkern.weights import PrunableWeight, is_all_ones
 
-__all__ = ["FusedPlan", "build_plan", "cached_plan", "plans_reused"]
+__all__ = ["FusedPlan", "build_plan", "cached_plan", "plans_reused", "reusing_plans"]
 
 # Modules and functions linear in their one stream input, run unchanged on every stream
 # (the official code does so for pooling): the exponent passes through.
@@ -563,6 +566,11 @@ def _structure(model: nn.Module, kept_modules: set[str], backend: str) -> tuple:
         tuple((name, id(t)) for name, t in model.named_parameters()),
         tuple((name, id(t)) for name, t in model.named_buffers()),
     )
+
+
+def reusing_plans() -> bool:
+    """Whether the caller is inside :func:`plans_reused`."""
+    return _PLANS is not None
 
 
 def cached_plan(model: nn.Module, weights: list[PrunableWeight], kept_modules: set[str], backend: str) -> FusedPlan:

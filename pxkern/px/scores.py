@@ -24,7 +24,7 @@ from pxkern.memory import reused_cpu_memory
 from pxkern.px.scaled import Exponents, ScaledSum, largest_magnitude, stream_layout
 from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.px.folding import FoldMismatch, FoldPlan, new_folding, plan_for, remember_plan
-from pxkern.px.fused import FusedPlan, UnsupportedByPlan, cached_plan
+from pxkern.px.fused import FusedPlan, UnsupportedByPlan, cached_plan, reusing_plans
 from pxkern.px.streams import (
     KERNEL_DTYPE,
     LeftTrueScale,
@@ -90,8 +90,9 @@ def px_scores(
             instead of single weights: every weight gets its block's mean score
             (:mod:`pxkern.pruning.blocks`).
         backend: ``"triton"`` (the default for CUDA models) and ``"cpp"`` (the default
-            on the CPU) run the fused plan of :mod:`pxkern.px.fused` on their kernels,
-            ``"torch"`` the stream path (:mod:`pxkern.px.streams`); also set by
+            on the CPU; inside ``pxkern.px.fused.plans_reused``, as in ``prune``) run the
+            fused plan of :mod:`pxkern.px.fused` on their kernels, ``"torch"`` and a
+            single ``"cpp"`` call the stream path (:mod:`pxkern.px.streams`); also set by
             ``PXKERN_BACKEND`` (:mod:`pxkern.backend`). A model the fused plan does
             not run is scored on the stream path, which runs any model (with a warning
             naming what the model lacks if ``"triton"`` was chosen).
@@ -213,12 +214,14 @@ class _CheckedBatches:
 
 def _fused_plan(model: nn.Module, weights, keep: Iterable[str], bn: str, dtype: torch.dtype,
                 backend: str | None) -> FusedPlan | None:
-    """The fused plan when the Triton or C++ backend is chosen and the plan can run this
-    model; None means the stream path (which runs any model), with a warning if Triton was
-    chosen. On the CPU the stream path is the general path and needs no warning."""
+    """The fused plan when the Triton backend, or inside ``plans_reused`` the C++ one, is
+    chosen and the plan can run this model (see :mod:`pxkern.px.fused` for why the CPU
+    plan waits for reuse); None means the stream path (which runs any model), with a
+    warning if Triton was chosen. On the CPU the stream path is the general path and
+    needs no warning."""
     device = weights[0].param.device
     chosen = choose_backend("px_scores", device, backend, implemented=BACKENDS)
-    if chosen == "torch":
+    if chosen == "torch" or (chosen == "cpp" and not reusing_plans()):
         return None
     try:
         if bn != "eval" or dtype != torch.float32:
