@@ -142,9 +142,9 @@ def prune_row(rounds: int, quick: bool) -> dict:
     }
 
 
-# The parts of a round: the stages of whichever path scored (the fused plan, the CPU
-# default, or the stream path for models the plan does not run), the rest of px_scores
-# (setup) and the mask selection.
+# The parts of a round: the stages of whichever path scored (the fused plan, which the
+# CPU prune runs, or the stream path for models the plan does not run), the rest of
+# px_scores (setup) and the mask selection.
 PATH_STAGES = (
     ("forward", "plan forward", PLAN_LABELS["forward"]), ("backward", "plan backward", PLAN_LABELS["backward"]),
     ("A", "stream A", STAGE_LABELS["A"]), ("B", "stream B", STAGE_LABELS["B"]), ("C", "stream C", STAGE_LABELS["C"]),

@@ -187,6 +187,13 @@ def _data_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int]
     return F.conv2d(x, weight, bias, stride, padding)
 
 
+def _box_filtered_channel_sum(u: Tensor, kernel: Sequence[int], stride: list[int], padding: list[int]) -> Tensor:
+    """``conv(u, ones)`` for an all-ones weight (no mask): every output channel is the same
+    box filter of the channel sum, computed once as ``[N, 1, Ho, Wo]``."""
+    box = torch.ones((1, 1, *kernel), dtype=u.dtype, device=u.device)
+    return F.conv2d(u.sum(1, keepdim=True), box, None, stride, padding)
+
+
 def _peak(t: Tensor) -> Tensor:
     """``max |t|`` as a 0-d float32 tensor, from one read of ``t`` in memory order."""
     flat = t.permute(0, 2, 3, 1) if t.is_contiguous(memory_format=torch.channels_last) else t
@@ -217,11 +224,10 @@ def _forward_cpp(
     b_offset = _folded_bias(ones_bias, data_scale, data_shift)
     b_offset = None if b_offset is None else b_offset * u_offset
     if mask is None:
-        # All-ones weight: every output channel is the same box filter of the channel sum.
-        box = torch.ones((1, 1, *weight.shape[2:]), dtype=x.dtype)
-        summed = F.conv2d(u.sum(1, keepdim=True), box, None, stride, padding)
+        # Written into a tensor of a's layout: gate_streams runs on one layout.
         b = torch.empty_like(a)
-        torch.mul(summed, b_factor.reshape(1, -1, 1, 1), out=b)
+        torch.mul(_box_filtered_channel_sum(u, weight.shape[2:], stride, padding),
+                  b_factor.reshape(1, -1, 1, 1), out=b)
         if b_offset is not None:
             b.add_(b_offset.reshape(1, -1, 1, 1))
     else:
@@ -260,9 +266,7 @@ def _forward_torch(
     wm = w if m is None else w * m
     a = F.conv2d(x.to(ab_dtype), wm, None if bias is None else bias.to(ab_dtype), stride, padding)
     if m is None:
-        # All-ones weight: every output channel is the same box filter of the channel sum.
-        box = torch.ones((1, 1, *weight.shape[2:]), dtype=ab_dtype, device=x.device)
-        b = F.conv2d(u.to(ab_dtype).sum(1, keepdim=True), box, None, stride, padding).expand_as(a)
+        b = _box_filtered_channel_sum(u.to(ab_dtype), weight.shape[2:], stride, padding).expand_as(a)
     else:
         b = F.conv2d(u.to(ab_dtype), m, None, stride, padding)
     b = b * multipliers["u_scale"]
