@@ -192,12 +192,25 @@ class ScaledSum:
 
 def largest_magnitude(tensors: Iterable[torch.Tensor]) -> float:
     """``max |t|`` over all ``tensors``: 0 if they are empty, NaN if any holds a NaN."""
-    # aminmax reads a tensor once and allocates no |tensor| temporary; broadcast
-    # (stride-0) dimensions are read once, not once per repeat.
-    peaks = [float(max(-low, high)) for low, high in
-             (torch.aminmax(_broadcast_base(t.detach())) for t in tensors if t.numel())]
-    # max() skips a NaN that is not first.
-    return math.nan if any(map(math.isnan, peaks)) else max(peaks, default=0.0)
+    peak = 0.0
+    for t in tensors:
+        if not t.numel():
+            continue
+        if t.dim() == 0:  # a peak one op already measured
+            value = abs(t.item())
+            if math.isnan(value):
+                return math.nan
+            peak = max(peak, value)
+            continue
+        # aminmax reads a tensor once and allocates no |tensor| temporary; broadcast
+        # (stride-0) dimensions are read once, not once per repeat. A NaN makes both
+        # extremes NaN, which the comparisons below would skip.
+        low, high = torch.aminmax(_broadcast_base(t.detach()))
+        low, high = low.item(), high.item()
+        if math.isnan(low) or math.isnan(high):
+            return math.nan
+        peak = max(peak, -low, high)
+    return peak
 
 
 def magnitude_exponent(tensor: torch.Tensor) -> int | None:
@@ -214,6 +227,8 @@ def _broadcast_base(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` without the repeats of its stride-0 (expanded) dimensions, as a dense
     view in memory order where it is one: reductions on a channels-last tensor would
     otherwise first copy it to the contiguous layout."""
+    if tensor.is_contiguous():  # most calls (0-d peaks, weights): no view to work out
+        return tensor.view(-1)
     index = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in tensor.stride())
     base = tensor[index]
     in_memory_order = base.permute(sorted(range(base.dim()), key=lambda d: -base.stride(d)))
