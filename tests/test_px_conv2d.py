@@ -181,6 +181,20 @@ def test_forward_options(backend, mask, bias, affine, relu):
     check_forward(backend, inputs, relu=relu, stride=2, context=f"mask {mask} bias {bias} affine {affine} relu {relu}")
 
 
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_without_b_peak(backend, relu):
+    """``b_peak=False``: b_amax is None and every other output is the same as with it."""
+    inputs = layer_inputs()
+    kwargs = dict(relu=relu, stride=1, padding=1, backend=backend, **MULTIPLIERS)
+    with_peak = px_conv2d_forward(*inputs.values(), **kwargs)
+    without = px_conv2d_forward(*inputs.values(), b_peak=False, **kwargs)
+    assert with_peak[3] is not None and without[3] is None
+    for name, expected, actual in zip(("a", "b", "c", "c_amax"), with_peak[:3] + with_peak[4:],
+                                      without[:3] + without[4:]):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("mask,affine", [(None, True), ("zeros", True), ("random-float", False)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_options(backend, mask, affine):

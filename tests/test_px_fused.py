@@ -113,6 +113,19 @@ def test_models_with_forward_hooks_run_on_the_stream_path():
     assert_scores_close(px_scores(model, x), px_scores(model, x, backend="torch"), rel=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_only_layers_feeding_a_gated_residual_add_skip_b_peak(backend):
+    """On the CPU the residual add + ReLU measures B's peak (gate_streams), so the layers
+    that end a residual branch or shortcut do not; every other layer's peak is needed."""
+    model, _ = zoo.ZOO["resnet20"]()
+    weights = prunable_weights(model)
+    plan = build_plan(model, weights, {last_linear_name(model)}, backend)
+    skipped = {g.weight.name for g in plan.groups.values() if not g.b_peak_needed}
+    branch_ends = {w.name for w in weights if w.name.endswith(("conv2.weight", "shortcut.0.weight"))}
+    assert len(branch_ends) == 11
+    assert skipped == (branch_ends if backend == "cpp" else set())
+
+
 def test_cpu_plans_run_and_are_reused_inside_plans_reused_while_the_model_is_unchanged(monkeypatch):
     model, x = small_cnn()
     traced = []

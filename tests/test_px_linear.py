@@ -121,6 +121,19 @@ def check_forward(args, relu, backend, context):
         assert_close(amax, reference.abs().max().float().double(), torch.float32, f"{context} {name}", dtype)
 
 
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_without_b_peak(backend, relu):
+    """``b_peak=False``: b_amax is None and every other output is the same as with it."""
+    args = forward_case(torch.float32, "random", True, True, 1, torch.float64)
+    with_peak = px_linear_forward(**args, relu=relu, backend=backend)
+    without = px_linear_forward(**args, relu=relu, backend=backend, b_peak=False)
+    assert with_peak[3] is not None and without[3] is None
+    for name, expected, actual in zip(("a", "b", "c", "c_amax"), with_peak[:3] + with_peak[4:],
+                                      without[:3] + without[4:]):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("dtype", DATA_DTYPES, ids=str)

@@ -47,6 +47,7 @@ from pxkern.ops.px_layer_common import (
     accumulation_dtype,
     check_backward_arguments,
     check_forward_arguments,
+    without_b_peak,
 )
 from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
 
@@ -119,7 +120,8 @@ def px_conv2d_forward(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
     backend: str | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    b_peak: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """Streams A, B and C of one Conv2d layer (+ eval BatchNorm + ReLU); see the module
     docstring for the math.
 
@@ -138,13 +140,15 @@ def px_conv2d_forward(
         u_offset_scale, h_offset_scale: units of B's and C's additive constants.
         stride, padding: int or ``(h, w)``; zero padding.
         dilation, groups: must be 1 (else NotImplementedError).
-        backend: ``"triton"``, ``"torch"`` or None (see :func:`pxkern.backend.choose_backend`).
+        backend: ``"triton"``, ``"cpp"``, ``"torch"`` or None (see
+            :func:`pxkern.backend.choose_backend`).
+        b_peak: False when the caller does not need ``b_amax`` (see ``without_b_peak``).
 
     Returns:
         ``(a, b, c, b_amax, c_amax)``: a, b ``[N, Cout, Ho, Wo]`` in x's dtype, c
-        ``[R, Cout, Ho, Wo]`` in h's dtype, and the 0-d ``max|b|`` in float32 and
-        ``max|c|`` in C's accumulation dtype (float64 for float64 h: a float64 C mantissa
-        may leave float32's range), both of the stored values.
+        ``[R, Cout, Ho, Wo]`` in h's dtype, and the 0-d ``max|b|`` in float32 (None
+        without ``b_peak``) and ``max|c|`` in C's accumulation dtype (float64 for float64
+        h: a float64 C mantissa may leave float32's range), both of the stored values.
     """
     multipliers = {
         "u_scale": u_scale, "u_offset_scale": u_offset_scale, "h_scale": h_scale, "h_offset_scale": h_offset_scale,
@@ -157,13 +161,16 @@ def px_conv2d_forward(
         # setting is read when the kernels are defined.
         from pxkern.kernels.triton.px_conv2d import px_conv2d_forward_triton
 
-        return px_conv2d_forward_triton(
+        outputs = px_conv2d_forward_triton(
             x, u, h, weight, mask, bias, scale, shift, relu,
             float(u_scale), float(u_offset_scale), float(h_scale), float(h_offset_scale), stride, padding,
         )
-    if chosen == "cpp" and x.dtype == torch.float32:
-        return _forward_cpp(x, u, h, weight, mask, bias, scale, shift, relu, multipliers, stride, padding)
-    return _forward_torch(x, u, h, weight, mask, bias, scale, shift, relu, multipliers, stride, padding)
+    elif chosen == "cpp" and x.dtype == torch.float32:
+        outputs = _forward_cpp(x, u, h, weight, mask, bias, scale, shift, relu, multipliers, stride, padding,
+                               b_peak)
+    else:
+        outputs = _forward_torch(x, u, h, weight, mask, bias, scale, shift, relu, multipliers, stride, padding)
+    return without_b_peak(outputs, b_peak)
 
 
 def _per_output(vector: Tensor) -> Tensor:
@@ -204,12 +211,13 @@ def _peak(t: Tensor) -> Tensor:
 def _forward_cpp(
     x: Tensor, u: Tensor, h: Tensor, weight: Tensor, mask: Tensor | None, bias: Tensor | None,
     scale: Tensor | None, shift: Tensor | None, relu: bool, multipliers: dict[str, float],
-    stride: list[int], padding: list[int],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    stride: list[int], padding: list[int], b_peak: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """The forward on the CPU, float32 A and B: each stream is one convolution whose
     weight and bias carry the BatchNorm and the stream's multipliers (A and B on oneDNN or
     ``sparse_conv2d``, C in its accumulation dtype), then A's ReLU, B's gate and B's peak
-    in one pass (``pxkern::gate_streams``). Folding the per-channel factors into the
+    in one pass (``pxkern::gate_streams``); without a ReLU, B's peak takes a pass of its
+    own, skipped without ``b_peak``. Folding the per-channel factors into the
     weights rounds differently from multiplying after the convolution, by float32
     rounding."""
     masked = weight if mask is None else weight * mask
@@ -242,10 +250,10 @@ def _forward_cpp(
     c = F.conv2d(h.to(c_dtype), kernel_weight * (_per_output(c_scale) if scale is not None else c_scale),
                  None if c_bias is None else c_bias * h_offset, stride, padding)
     if relu:
-        a, b, _, b_peak = gate_streams(a, b, relu=True, inplace=True)
-        b_amax = torch.tensor(b_peak, dtype=torch.float32)
+        a, b, _, gated_peak = gate_streams(a, b, relu=True, inplace=True)
+        b_amax = torch.tensor(gated_peak, dtype=torch.float32)
     else:
-        b_amax = _peak(b)
+        b_amax = _peak(b) if b_peak else None
     return a, b, c.to(h.dtype), b_amax, c.abs().amax().to(c_dtype)
 
 

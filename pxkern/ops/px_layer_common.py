@@ -1,8 +1,9 @@
-"""Argument checks shared by the fused PX layer ops (``px_linear``, ``px_conv2d``).
+"""Argument checks and the output convention shared by the fused PX layer ops
+(``px_linear``, ``px_conv2d``).
 
 Both ops take the same arguments apart from the layer's geometry (see their modules):
 forward ``(x, u, h, weight, mask, bias, scale, shift, relu, u_scale, u_offset_scale,
-h_scale, h_offset_scale)`` and backward ``(g, h, weight, mask, scale)``, with tensors
+h_scale, h_offset_scale, b_peak)`` and backward ``(g, h, weight, mask, scale)``, with tensors
 laid out like the layer's own (``dim`` = 2 for Linear ``[rows, features]``, 4 for Conv2d
 ``[rows, channels, height, width]``; dimension 1 holds the features/channels, the
 weight is ``[out, in, ...]``). The checks here cover everything but the geometry, which
@@ -20,6 +21,7 @@ __all__ = [
     "accumulation_dtype",
     "check_backward_arguments",
     "check_forward_arguments",
+    "without_b_peak",
 ]
 
 # Streams A and B (x, u) and the layer's weight.
@@ -149,3 +151,12 @@ def check_backward_arguments(
         )
     _check_mask(op, mask, weight)
     _check_channel_vector(op, "scale", scale, weight.shape[0], g.device)
+
+
+def without_b_peak(outputs: tuple, b_peak: bool) -> tuple:
+    """The forward's ``(a, b, c, b_amax, c_amax)``, with None for ``b_amax`` unless
+    ``b_peak``. A caller that measures B's peak later anyway (the fused plan's residual
+    add + ReLU on the CPU, ``pxkern::gate_streams``) asks for none: the CPU backend then
+    skips a pass over ``b`` for layers without a ReLU, whose peak no epilogue yields.
+    Every backend answers alike, whatever it computed."""
+    return outputs if b_peak else (*outputs[:3], None, outputs[4])

@@ -25,6 +25,7 @@ from pxkern.ops.px_layer_common import (
     accumulation_dtype,
     check_backward_arguments,
     check_forward_arguments,
+    without_b_peak,
 )
 
 __all__ = ["px_linear_backward", "px_linear_forward"]
@@ -49,7 +50,8 @@ def px_linear_forward(
     h_scale: float = 1.0,
     h_offset_scale: float = 1.0,
     backend: str | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    b_peak: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """Streams A, B and C of one Linear layer (+ eval BatchNorm + ReLU).
 
     With ``P = weight * mask`` (``mask`` all ones when None):
@@ -75,10 +77,11 @@ def px_linear_forward(
         relu: whether a ReLU follows (the gate of stream B).
         u_scale, u_offset_scale, h_scale, h_offset_scale: the exponent multipliers above.
         backend: ``"triton"``, ``"torch"`` or None to choose (:func:`pxkern.backend.choose_backend`).
+        b_peak: False when the caller does not need ``b_amax`` (see ``without_b_peak``).
 
     Returns:
         ``(a, b, c, b_amax, c_amax)``: ``a, b [N, M]`` in x's dtype, ``c [R, M]`` in h's;
-        ``b_amax = max|b|`` and ``c_amax = max|c|`` of the stored values as 0-d float32
+        ``b_amax = max|b|`` (None without ``b_peak``) and ``c_amax = max|c|`` of the stored values as 0-d float32
         tensors (a float64 C mantissa's maximum rounds to float32: the caller keeps C's
         mantissas near 1).
     """
@@ -91,8 +94,8 @@ def px_linear_forward(
     if choose_backend(_OP, x.device, backend, implemented=_BACKENDS) == "triton":
         from pxkern.kernels.triton.px_linear import px_linear_forward_triton
 
-        return px_linear_forward_triton(*arguments)
-    return _forward_torch(*arguments)
+        return without_b_peak(px_linear_forward_triton(*arguments), b_peak)
+    return without_b_peak(_forward_torch(*arguments), b_peak)
 
 
 def px_linear_backward(

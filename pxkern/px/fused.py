@@ -120,6 +120,9 @@ class LayerGroup:
     relu: bool
     ops: tuple[Callable, Callable]  # the fused op's forward and backward
     scores: torch.Tensor | None = None  # left by stream C's backward
+    # False when the output only enters a residual add + ReLU that measures B's peak
+    # itself (``gated_sums``): the op then skips measuring it.
+    b_peak_needed: bool = True
 
     def affine(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The eval BatchNorm as per-channel ``(scale, shift)``, or ``(None, None)``."""
@@ -285,10 +288,11 @@ class FusedPlan:
                 t.a, t.b, h.detach(), w, mask, bias, scale, shift, relu=group.relu and epilogue,
                 u_scale=math.ldexp(1.0, -sb), u_offset_scale=math.ldexp(1.0, -b_exponent),
                 h_scale=math.ldexp(1.0, -sc), h_offset_scale=math.ldexp(1.0, -c_exponent),
-                **geometry, backend=self.backend,
+                **geometry, backend=self.backend, b_peak=group.b_peak_needed,
             )
+        b_peak = magnitude_exponent(b_amax) if b_amax is not None else None
         if t.c is None:
-            return StreamValues(a, b, b_exponent, None, 0, magnitude_exponent(b_amax))
+            return StreamValues(a, b, b_exponent, None, 0, b_peak)
         # The op's backward multiplies the cotangent by `scale`: the BatchNorm's and the
         # input normalization's factors both sit between C's input and the weight.
         kernel_scale = scale.double() * math.ldexp(1.0, -sc) if scale is not None else None
@@ -299,7 +303,7 @@ class FusedPlan:
             return backward(grad, h_saved, w, mask, grad_scale, **geometry, backend=self.backend)
 
         c = _KernelThroughLayer.apply(h, c, layer_backward, group, kernel_scale)
-        return StreamValues(a, b, b_exponent, c, c_exponent, magnitude_exponent(b_amax), magnitude_exponent(c_amax))
+        return StreamValues(a, b, b_exponent, c, c_exponent, b_peak, magnitude_exponent(c_amax))
 
 
 def _kernel_input(x: torch.Tensor) -> torch.Tensor:
@@ -653,6 +657,9 @@ def build_plan(
         absorbed.update(members)
     gated_sums = _residual_adds_before_relus(traced.graph, modules, absorbed) if backend == "cpp" else {}
     absorbed.update(gated_sums.values())
+    gated_adds = set(gated_sums.values())
+    for node, group in groups.items():
+        group.b_peak_needed = not (node.users and set(node.users) <= gated_adds)
     return FusedPlan(traced.graph, modules, groups, absorbed, kept, backend, gated_sums)
 
 
