@@ -260,11 +260,13 @@ void transpose(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* 
 // plane rows. Otherwise pixel by pixel, so that x is read contiguously and each prepared
 // plane is written along its rows (reading channel by channel would take a cache line of
 // x per element).
+// Writes only the elements that come from x, the same ones for every sample: dst must
+// hold zeros everywhere else, as the zero-initialized scratch of a call does. Zeroing the
+// whole sample each time cost ~15% of a 1%-dense call on a 16-channel 32x32 layer.
 template <typename T>
 void prepare_sample_channels_last(const T* x, const Geometry& g, const SamplePlan& plan, T* dst,
                                   bool vector) {
   const int64_t plane = g.hph * g.wph, channel_step = g.sh * g.sw * plane;
-  std::fill(dst, dst + g.sample_numel, T(0));  // the padding
   if (g.sh == 1 && g.sw == 1) {
     for (int64_t sy = 0; sy < g.h; ++sy)
       transpose(x + sy * g.w * g.c_in, g.c_in, g.w, g.c_in,
@@ -436,12 +438,22 @@ void fill_bias(const T* bias, T* out, const Geometry& g) {
   }
 }
 
-// Planes [channels, plane_out] of output channels [co_begin, co_begin + channels) into the
-// channels-last sample out_sample [plane_out, c_out].
+// Distance between the scratch output planes of a channels-last call. The transpose into
+// the output reads 8 planes at once at this stride; a multiple of 4 KB (a 32x32 float
+// plane) would map all 8 reads to one L1 set, so such strides get one cache line more.
 template <typename T>
-void store_channels_last(const T* planes, int64_t channels, int64_t plane_out, int64_t co_begin,
-                         int64_t c_out, T* out_sample, bool vector) {
-  transpose(planes, plane_out, channels, plane_out, out_sample + co_begin, c_out, vector);
+int64_t scratch_plane_stride(int64_t plane_out) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  const int64_t rounded = (plane_out + kLine - 1) / kLine * kLine;
+  return (rounded * sizeof(T)) % 4096 == 0 ? rounded + kLine : rounded;
+}
+
+// Planes [channels, plane_out] (plane_stride apart) of output channels
+// [co_begin, co_begin + channels) into the channels-last sample out_sample [plane_out, c_out].
+template <typename T>
+void store_channels_last(const T* planes, int64_t channels, int64_t plane_stride, int64_t plane_out,
+                         int64_t co_begin, int64_t c_out, T* out_sample, bool vector) {
+  transpose(planes, plane_stride, channels, plane_out, out_sample + co_begin, c_out, vector);
 }
 
 // out = conv2d(x, weight, bias) with geometry g, in g's layout (see file header).
@@ -476,8 +488,11 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geo
 
 #pragma omp parallel num_threads(threads) if (items > 1)
   {
+    // Zero-initialized: the padding of every sample prepared into it (see
+    // prepare_sample_channels_last).
     std::vector<T> scratch(g.in_place ? 0 : g.sample_numel);
-    std::vector<T> planes(g.channels_last ? co_per_block * plane_out : 0);
+    const int64_t plane_stride = scratch_plane_stride<T>(plane_out);
+    std::vector<T> planes(g.channels_last ? co_per_block * plane_stride : 0);
     int64_t prepared = -1;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
@@ -504,7 +519,7 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geo
                              taps.value.data() + t0,
                              taps.row_ptr[co + 1] - t0,
                              bias != nullptr ? bias[co] : T(0),
-                             g.channels_last ? planes.data() + (co - co_begin) * plane_out
+                             g.channels_last ? planes.data() + (co - co_begin) * plane_stride
                                              : out + (n * g.c_out + co) * plane_out,
                              g.h_out,
                              g.w_out};
@@ -517,7 +532,7 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geo
         plane_portable(a);
       }
       if (g.channels_last)
-        store_channels_last(planes.data(), co_end - co_begin, plane_out, co_begin, g.c_out,
+        store_channels_last(planes.data(), co_end - co_begin, plane_stride, plane_out, co_begin, g.c_out,
                             out + n * g.c_out * plane_out, use_avx2);
     }
   }

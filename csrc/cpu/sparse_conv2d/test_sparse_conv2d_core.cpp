@@ -110,6 +110,10 @@ int main() {
       {4, 16, 32, 32, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.05, false},
       {2, 16, 32, 32, 32, 3, 3, 1, 2, 2, 1, 1, 1, 1, 0.2, true},
       {2, 8, 37, 70, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.4, true},
+      // Stride 1 with padding on one axis only: the channels-last preparation zeroes just
+      // the padding, a different band per axis.
+      {2, 5, 7, 9, 3, 3, 3, 1, 1, 1, 0, 2, 1, 1, 0.6, true},
+      {2, 5, 9, 6, 4, 3, 3, 1, 1, 1, 2, 0, 1, 1, 0.6, false},
       // Channels-last transposition in 8x8 blocks with ragged edges: 12 input channels,
       // 21 columns, 11 output channels.
       {2, 12, 9, 21, 11, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.5, true},
