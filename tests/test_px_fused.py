@@ -144,6 +144,21 @@ def test_cpu_plans_run_and_are_reused_inside_plans_reused_while_the_model_is_unc
     assert_scores_close(actual, reference_px_scores(model, x))
 
 
+def test_reused_plans_see_batch_norms_changed_in_place_or_replaced():
+    """The plan keeps each group's folded BatchNorm between calls; an in-place change of a
+    running statistic or a replaced parameter must reach the scores."""
+    model, x = small_cnn()
+    zoo.randomize_norms(model)
+    norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    with pxkern.px.fused.plans_reused():
+        px_scores(model, x)
+        with torch.no_grad():
+            norm.running_var.mul_(4.0)
+        assert_scores_close(px_scores(model, x), reference_px_scores(model, x))
+        norm.weight = nn.Parameter(norm.weight.detach() * -0.5)
+        assert_scores_close(px_scores(model, x), reference_px_scores(model, x))
+
+
 def small_cnn() -> tuple[nn.Module, torch.Tensor]:
     """Every kind of node the plan runs: conv+BN+ReLU groups, a bias-free strided conv,
     pooling, a residual add, a standalone ReLU, flatten and the kept classifier."""

@@ -215,6 +215,11 @@ def test_prefer_sparse_conv2d_measures_and_remembers(monkeypatch):
     assert len(measured) == 1, "a configuration is measured once"
     prefer_sparse_conv2d(x.contiguous(memory_format=torch.channels_last), sparse, 1, 1, 1, 1)
     assert len(measured) == 2, "the layout is part of the configuration"
+    # A density the caller knows (its mask's) is used instead of counting the weight.
+    assert not prefer_sparse_conv2d(x, sparse, 1, 1, 1, 1, density=0.9), "above MAX_SPARSE_DENSITY"
+    assert prefer_sparse_conv2d(x, dense, 1, 1, 1, 1, density=0.0), "said to be all zeros"
+    prefer_sparse_conv2d(x, dense, 1, 1, 1, 1, density=0.3)
+    assert len(measured) == 3, "density 0.3 is another configuration than 0.2"
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:

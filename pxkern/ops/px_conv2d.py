@@ -186,10 +186,12 @@ def _folded_bias(bias: Tensor | None, factor: Tensor | None, shift: Tensor | Non
     return scaled if shift is None else scaled + shift
 
 
-def _data_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]) -> Tensor:
+def _data_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+               density: float) -> Tensor:
     """A float32 convolution of streams A or B on whichever of oneDNN and
-    ``sparse_conv2d`` measured faster for this weight's sparsity."""
-    if prefer_sparse_conv2d(x, weight, stride, padding, 1, 1):
+    ``sparse_conv2d`` measured faster for this weight's sparsity (``density``, the mask's:
+    A's and B's weights share its zeros)."""
+    if prefer_sparse_conv2d(x, weight, stride, padding, 1, 1, density):
         return sparse_conv2d(x, weight, bias, stride, padding)
     return F.conv2d(x, weight, bias, stride, padding)
 
@@ -221,10 +223,11 @@ def _forward_cpp(
     weights rounds differently from multiplying after the convolution, by float32
     rounding."""
     masked = weight if mask is None else weight * mask
+    density = 1.0 if mask is None else mask.count_nonzero().item() / mask.numel()
     # A and B in x's dtype; C takes the affine in its own (float64: its sums cancel).
     data_scale, data_shift = (None, None) if scale is None else (scale.to(x.dtype), shift.to(x.dtype))
     a = _data_conv(x, masked if scale is None else masked * _per_output(data_scale),
-                   _folded_bias(bias, data_scale, data_shift), stride, padding)
+                   _folded_bias(bias, data_scale, data_shift), stride, padding, density)
     u_offset = multipliers["u_offset_scale"]
     b_factor = (torch.full_like(a[0, :, 0, 0], multipliers["u_scale"]) if scale is None
                 else data_scale * multipliers["u_scale"])
@@ -239,7 +242,7 @@ def _forward_cpp(
         if b_offset is not None:
             b.add_(b_offset.reshape(1, -1, 1, 1))
     else:
-        b = _data_conv(u, mask.to(x.dtype) * _per_output(b_factor), b_offset, stride, padding)
+        b = _data_conv(u, mask.to(x.dtype) * _per_output(b_factor), b_offset, stride, padding, density)
     c_dtype = accumulation_dtype(h.dtype)
     kernel_weight = masked.to(c_dtype).square()
     c_scale = multipliers["h_scale"] if scale is None else scale.to(c_dtype) * multipliers["h_scale"]

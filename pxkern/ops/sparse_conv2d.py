@@ -117,17 +117,21 @@ def _backend(x: Tensor) -> str:
     return choose_backend("sparse_conv2d", x.device, implemented=("cpp", "torch"))
 
 
-def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                         density: float | None = None) -> bool:
     """Whether ``sparse_conv2d`` beats ``F.conv2d`` for this call, as measured.
 
     The first call of a configuration (shapes, layout, strides, dtype, threads, weight
     density to a tenth) times both kernels twice on the real inputs and remembers the
     faster; later calls only look it up. False without the extension, off the CPU, for
     string paddings and above ``MAX_SPARSE_DENSITY``; True for an all-zero weight.
+    ``density``: the weight's fraction of nonzeros if the caller knows it (e.g. from its
+    mask), saving a pass over the weight; otherwise counted.
     """
     if _backend(x) != "cpp" or isinstance(padding, str) or weight.numel() == 0:
         return False
-    density = torch.count_nonzero(weight).item() / weight.numel()
+    if density is None:
+        density = torch.count_nonzero(weight).item() / weight.numel()
     if density > MAX_SPARSE_DENSITY:
         return False
     if density == 0:

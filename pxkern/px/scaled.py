@@ -190,26 +190,37 @@ class ScaledSum:
         return self.mantissa / peak if peak > 0 else self.mantissa
 
 
+# Tensors with fewer elements than this are measured together, one concatenation per
+# dtype: px_scores checks ~100 parameters and buffers of a ResNet-20 per call, where
+# one reduction each cost ~2 ms in per-call overhead.
+_GATHERED_NUMEL = 1 << 16
+
+
 def largest_magnitude(tensors: Iterable[torch.Tensor]) -> float:
     """``max |t|`` over all ``tensors``: 0 if they are empty, NaN if any holds a NaN."""
-    peak = 0.0
+    tensors = [t.detach() for t in tensors if t.numel()]
+    small: dict[torch.dtype, list[torch.Tensor]] = {}
+    large = []
     for t in tensors:
-        if not t.numel():
-            continue
         if t.dim() == 0:  # a peak one op already measured
-            value = abs(t.item())
-            if math.isnan(value):
-                return math.nan
-            peak = max(peak, value)
-            continue
-        # aminmax reads a tensor once and allocates no |tensor| temporary; broadcast
-        # (stride-0) dimensions are read once, not once per repeat. A NaN makes both
-        # extremes NaN, which the comparisons below would skip.
-        low, high = torch.aminmax(_broadcast_base(t.detach()))
-        low, high = low.item(), high.item()
+            large.append(t)
+        elif len(tensors) > 1 and t.numel() < _GATHERED_NUMEL:
+            small.setdefault(t.dtype, []).append(t.reshape(-1))
+        else:
+            large.append(t)
+    peak = 0.0
+    for t in [*(torch.cat(group) for group in small.values()), *large]:
+        if t.dim() == 0:
+            low = high = t.item()
+        else:
+            # aminmax reads a tensor once and allocates no |tensor| temporary; broadcast
+            # (stride-0) dimensions are read once, not once per repeat.
+            low, high = torch.aminmax(_broadcast_base(t))
+            low, high = low.item(), high.item()
+        # A NaN makes both extremes NaN, which the comparisons below would skip.
         if math.isnan(low) or math.isnan(high):
             return math.nan
-        peak = max(peak, -low, high)
+        peak = max(peak, abs(low), abs(high))
     return peak
 
 
