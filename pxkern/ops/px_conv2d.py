@@ -250,8 +250,15 @@ def _forward_cpp(
                           None if scale is None else scale.to(c_dtype),
                           None if shift is None else shift.to(c_dtype))
     h_offset = multipliers["h_offset_scale"]
-    c = F.conv2d(h.to(c_dtype), kernel_weight * (_per_output(c_scale) if scale is not None else c_scale),
-                 None if c_bias is None else c_bias * h_offset, stride, padding)
+    if density == 0:
+        # A pruned-away layer (late in a global prune, most of a ResNet's deep layers): C
+        # is its constant, without the float64 convolution of an all-zero weight.
+        c = torch.zeros((h.shape[0], *a.shape[1:]), dtype=c_dtype, device=h.device)
+        if c_bias is not None:
+            c.add_((c_bias * h_offset).reshape(1, -1, 1, 1))
+    else:
+        c = F.conv2d(h.to(c_dtype), kernel_weight * (_per_output(c_scale) if scale is not None else c_scale),
+                     None if c_bias is None else c_bias * h_offset, stride, padding)
     if relu:
         a, b, _, gated_peak = gate_streams(a, b, relu=True, inplace=True)
         b_amax = torch.tensor(gated_peak, dtype=torch.float32)
@@ -354,8 +361,11 @@ def _backward_cpp(
     stride: list[int], padding: list[int],
 ) -> tuple[Tensor, Tensor]:
     """The backward on the CPU: both gradients from one ``convolution_backward`` call
-    (ATen's, as autograd would run it), the scores' products in place."""
+    (ATen's, as autograd would run it), the scores' products in place. Nothing flows
+    through a pruned-away layer (all-zero mask) and its scores are masked to zero."""
     dtype = accumulation_dtype(h.dtype)
+    if mask is not None and not mask.any():
+        return torch.zeros_like(h), torch.zeros(weight.shape, dtype=dtype, device=weight.device)
     w = weight.to(dtype)
     masked = w if mask is None else w * mask
     g_pre = g.to(dtype) if scale is None else g.to(dtype) * _per_channel(scale, dtype)
