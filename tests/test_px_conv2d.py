@@ -181,6 +181,22 @@ def test_forward_options(backend, mask, bias, affine, relu):
     check_forward(backend, inputs, relu=relu, stride=2, context=f"mask {mask} bias {bias} affine {affine} relu {relu}")
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("bias,affine,relu", [(b, a, r) for b in (True, False) for a in (True, False)
+                                              for r in (True, False)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pruned_away_layer(backend, bias, affine, relu, channels_last):
+    """An all-zero mask: every stream is the layer's constants (the CPU backend fills them
+    without convolutions), in x's layout, and nothing flows back."""
+    inputs = layer_inputs(mask="zeros", bias=bias, affine=affine, channels_last=channels_last)
+    context = f"pruned away, bias {bias} affine {affine} relu {relu} channels_last {channels_last}"
+    check_forward(backend, inputs, relu=relu, stride=1, context=context)
+    a = px_conv2d_forward(**inputs, relu=relu, stride=1, padding=1, backend=backend, **MULTIPLIERS)[0]
+    layout = torch.channels_last if channels_last or backend == "triton" else torch.contiguous_format
+    assert a.is_contiguous(memory_format=layout), f"{context}: a is not in x's layout (Triton's: channels-last)"
+    check_backward(backend, inputs, random_cotangent(inputs, 1, 1), context=context)
+
+
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_without_b_peak(backend, relu):

@@ -154,7 +154,7 @@ def px_conv2d_forward(
         "u_scale": u_scale, "u_offset_scale": u_offset_scale, "h_scale": h_scale, "h_offset_scale": h_offset_scale,
     }
     check_forward_arguments(_OP, 4, x, u, h, weight, mask, bias, scale, shift, relu, multipliers)
-    stride, padding, _ = _check_geometry(weight, x.shape[2:], stride, padding, dilation, groups)
+    stride, padding, out_size = _check_geometry(weight, x.shape[2:], stride, padding, dilation, groups)
     chosen = choose_backend(_OP, x.device, backend, implemented=("cpp", "triton", "torch"))
     if chosen == "triton":
         # Imported when it runs: ``import pxkern`` needs no Triton, and the interpreter
@@ -167,7 +167,7 @@ def px_conv2d_forward(
         )
     elif chosen == "cpp" and x.dtype == torch.float32:
         outputs = _forward_cpp(x, u, h, weight, mask, bias, scale, shift, relu, multipliers, stride, padding,
-                               b_peak)
+                               out_size, b_peak)
     else:
         outputs = _forward_torch(x, u, h, weight, mask, bias, scale, shift, relu, multipliers, stride, padding)
     return without_b_peak(outputs, b_peak)
@@ -213,7 +213,7 @@ def _peak(t: Tensor) -> Tensor:
 def _forward_cpp(
     x: Tensor, u: Tensor, h: Tensor, weight: Tensor, mask: Tensor | None, bias: Tensor | None,
     scale: Tensor | None, shift: Tensor | None, relu: bool, multipliers: dict[str, float],
-    stride: list[int], padding: list[int], b_peak: bool,
+    stride: list[int], padding: list[int], out_size: tuple[int, int], b_peak: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """The forward on the CPU, float32 A and B: each stream is one convolution whose
     weight and bias carry the BatchNorm and the stream's multipliers (A and B on oneDNN or
@@ -221,19 +221,24 @@ def _forward_cpp(
     in one pass (``pxkern::gate_streams``); without a ReLU, B's peak takes a pass of its
     own, skipped without ``b_peak``. Folding the per-channel factors into the
     weights rounds differently from multiplying after the convolution, by float32
-    rounding."""
+    rounding. A pruned-away layer (all-zero mask; late in a global prune, most of a
+    ResNet's deep layers) is its per-channel constants in every stream, gated on the
+    constants: no convolution and no pass but the filling."""
     masked = weight if mask is None else weight * mask
     density = 1.0 if mask is None else mask.count_nonzero().item() / mask.numel()
     # A and B in x's dtype; C takes the affine in its own (float64: its sums cancel).
     data_scale, data_shift = (None, None) if scale is None else (scale.to(x.dtype), shift.to(x.dtype))
-    a = _data_conv(x, masked if scale is None else masked * _per_output(data_scale),
-                   _folded_bias(bias, data_scale, data_shift), stride, padding, density)
-    u_offset = multipliers["u_offset_scale"]
-    b_factor = (torch.full_like(a[0, :, 0, 0], multipliers["u_scale"]) if scale is None
-                else data_scale * multipliers["u_scale"])
-    ones_bias = None if bias is None else torch.ones_like(b_factor)
-    b_offset = _folded_bias(ones_bias, data_scale, data_shift)
-    b_offset = None if b_offset is None else b_offset * u_offset
+    a_bias = _folded_bias(bias, data_scale, data_shift)
+    b_factor = (torch.full((weight.shape[0],), multipliers["u_scale"], dtype=x.dtype, device=x.device)
+                if scale is None else data_scale * multipliers["u_scale"])
+    b_offset = _folded_bias(None if bias is None else torch.ones_like(b_factor), data_scale, data_shift)
+    b_offset = None if b_offset is None else b_offset * multipliers["u_offset_scale"]
+    c = _kernel_stream_cpp(h, masked, bias, scale, shift, multipliers, stride, padding, out_size, density)
+    if density == 0:
+        a, b, b_amax = _pruned_away_streams(x, a_bias, b_offset, relu, (weight.shape[0], *out_size))
+        return a, b, c.to(h.dtype), b_amax, c.abs().amax()
+    a = _data_conv(x, masked if scale is None else masked * _per_output(data_scale), a_bias, stride, padding,
+                   density)
     if mask is None:
         # Written into a tensor of a's layout: gate_streams runs on one layout.
         b = torch.empty_like(a)
@@ -243,28 +248,56 @@ def _forward_cpp(
             b.add_(b_offset.reshape(1, -1, 1, 1))
     else:
         b = _data_conv(u, mask.to(x.dtype) * _per_output(b_factor), b_offset, stride, padding, density)
-    c_dtype = accumulation_dtype(h.dtype)
-    kernel_weight = masked.to(c_dtype).square()
-    c_scale = multipliers["h_scale"] if scale is None else scale.to(c_dtype) * multipliers["h_scale"]
-    c_bias = _folded_bias(None if bias is None else bias.to(c_dtype).square(),
-                          None if scale is None else scale.to(c_dtype),
-                          None if shift is None else shift.to(c_dtype))
-    h_offset = multipliers["h_offset_scale"]
-    if density == 0:
-        # A pruned-away layer (late in a global prune, most of a ResNet's deep layers): C
-        # is its constant, without the float64 convolution of an all-zero weight.
-        c = torch.zeros((h.shape[0], *a.shape[1:]), dtype=c_dtype, device=h.device)
-        if c_bias is not None:
-            c.add_((c_bias * h_offset).reshape(1, -1, 1, 1))
-    else:
-        c = F.conv2d(h.to(c_dtype), kernel_weight * (_per_output(c_scale) if scale is not None else c_scale),
-                     None if c_bias is None else c_bias * h_offset, stride, padding)
     if relu:
         a, b, _, gated_peak = gate_streams(a, b, relu=True, inplace=True)
         b_amax = torch.tensor(gated_peak, dtype=torch.float32)
     else:
         b_amax = _peak(b) if b_peak else None
-    return a, b, c.to(h.dtype), b_amax, c.abs().amax().to(c_dtype)
+    return a, b, c.to(h.dtype), b_amax, c.abs().amax()
+
+
+def _kernel_stream_cpp(
+    h: Tensor, masked: Tensor, bias: Tensor | None, scale: Tensor | None, shift: Tensor | None,
+    multipliers: dict[str, float], stride: list[int], padding: list[int], out_size: tuple[int, int],
+    density: float,
+) -> Tensor:
+    """Stream C of :func:`_forward_cpp` in its accumulation dtype: one convolution with
+    weight ``masked**2`` and the affine folded in, or the constant of a pruned-away layer."""
+    c_dtype = accumulation_dtype(h.dtype)
+    c_scale = multipliers["h_scale"] if scale is None else scale.to(c_dtype) * multipliers["h_scale"]
+    c_bias = _folded_bias(None if bias is None else bias.to(c_dtype).square(),
+                          None if scale is None else scale.to(c_dtype),
+                          None if shift is None else shift.to(c_dtype))
+    c_bias = None if c_bias is None else c_bias * multipliers["h_offset_scale"]
+    if density == 0:
+        c = torch.zeros((h.shape[0], masked.shape[0], *out_size), dtype=c_dtype, device=h.device)
+        return c if c_bias is None else c.add_(c_bias.reshape(1, -1, 1, 1))
+    kernel_weight = masked.to(c_dtype).square()
+    kernel_weight = kernel_weight * (_per_output(c_scale) if scale is not None else c_scale)
+    return F.conv2d(h.to(c_dtype), kernel_weight, c_bias, stride, padding)
+
+
+def _pruned_away_streams(
+    x: Tensor, a_bias: Tensor | None, b_offset: Tensor | None, relu: bool, out_shape: tuple[int, int, int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A and B ``[N, *out_shape]`` of a layer with an all-zero mask, filled in x's layout:
+    the per-channel constants (zero without a bias or BatchNorm), with the ReLU and gate
+    applied to the constants; and B's peak."""
+    zeros = x.new_zeros(out_shape[0])
+    a_value = a_bias if a_bias is not None else zeros
+    b_value = b_offset if b_offset is not None else zeros
+    if relu:
+        gate = a_value > 0
+        a_value, b_value = torch.where(gate, a_value, 0.0), torch.where(gate, b_value, 0.0)
+    # The layout F.conv2d and sparse_conv2d give x's.
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def filled(value: Tensor) -> Tensor:
+        out = torch.empty((x.shape[0], *out_shape), dtype=x.dtype, device=x.device, memory_format=layout)
+        return out.copy_(value.reshape(1, -1, 1, 1).expand_as(out))
+
+    return filled(a_value), filled(b_value), b_value.abs().amax().float()
 
 
 def _per_channel(vector: Tensor, dtype: torch.dtype) -> Tensor:
