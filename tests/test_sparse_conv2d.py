@@ -199,7 +199,7 @@ def test_opcheck(bias, stride, padding, dilation, groups):
 
 @needs_extension
 def test_prefer_sparse_conv2d_measures_and_remembers(monkeypatch):
-    import pxkern.ops.sparse_conv2d as op
+    import pxkern.ops.measured_choice as measured_choice
 
     x = torch.randn(4, 8, 12, 12)
     dense = torch.randn(8, 8, 3, 3)
@@ -208,18 +208,20 @@ def test_prefer_sparse_conv2d_measures_and_remembers(monkeypatch):
     assert not prefer_sparse_conv2d(x, dense * 0, 1, "same", 1, 1), "string padding"
     sparse = dense * (torch.rand(dense.shape, generator=torch.Generator().manual_seed(0)) < 0.2)
     measured = []
-    monkeypatch.setattr(op, "_WINNERS", {})
-    monkeypatch.setattr(op, "_sparse_is_faster", lambda *args: measured.append(args) or True)
+    monkeypatch.setattr(measured_choice, "_CHOICES", {})
+    # second_is_faster times its second argument (sparse_conv2d) first: 0 s, then 1 s.
+    monkeypatch.setattr(measured_choice, "_best_of_two",
+                        lambda run: measured.append(run) or float(len(measured) % 2 == 0))
     assert prefer_sparse_conv2d(x, sparse, 1, 1, 1, 1)
     assert prefer_sparse_conv2d(x, sparse, 1, 1, 1, 1)
-    assert len(measured) == 1, "a configuration is measured once"
+    assert len(measured) == 2, "a configuration is measured once (both kernels)"
     prefer_sparse_conv2d(x.contiguous(memory_format=torch.channels_last), sparse, 1, 1, 1, 1)
-    assert len(measured) == 2, "the layout is part of the configuration"
+    assert len(measured) == 4, "the layout is part of the configuration"
     # A density the caller knows (its mask's) is used instead of counting the weight.
     assert not prefer_sparse_conv2d(x, sparse, 1, 1, 1, 1, density=0.9), "above MAX_SPARSE_DENSITY"
     assert prefer_sparse_conv2d(x, dense, 1, 1, 1, 1, density=0.0), "said to be all zeros"
     prefer_sparse_conv2d(x, dense, 1, 1, 1, 1, density=0.3)
-    assert len(measured) == 3, "density 0.3 is another configuration than 0.2"
+    assert len(measured) == 6, "density 0.3 is another configuration than 0.2"
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:

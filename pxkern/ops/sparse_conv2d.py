@@ -6,7 +6,6 @@ the 0/1 mask ``M``, whose density falls to ~2 % during iterative pruning). Forwa
 no autograd formula is registered, use it under ``torch.no_grad()``.
 """
 
-import time
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +14,7 @@ from torch import Tensor
 
 from pxkern._extension import EXTENSION_AVAILABLE
 from pxkern.backend import choose_backend
+from pxkern.ops.measured_choice import second_is_faster
 
 __all__ = ["sparse_conv2d", "prefer_sparse_conv2d", "MAX_SPARSE_DENSITY"]
 
@@ -22,11 +22,6 @@ __all__ = ["sparse_conv2d", "prefer_sparse_conv2d", "MAX_SPARSE_DENSITY"]
 # benchmarks/bench_sparse_conv2d.py (ResNet-20 and VGG-16 layers, 2-core AVX2 CPU), so
 # denser weights are not even measured.
 MAX_SPARSE_DENSITY = 0.5
-
-# Which kernel won, per configuration: oneDNN's speed depends on the layout (channels-last
-# input is up to 4x faster on 16-channel layers here) and the sparse kernel's on density
-# and shape, so no single crossover density holds. Densities are bucketed by tenths.
-_WINNERS: dict[tuple, bool] = {}
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -122,8 +117,10 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
     """Whether ``sparse_conv2d`` beats ``F.conv2d`` for this call, as measured.
 
     The first call of a configuration (shapes, layout, strides, dtype, threads, weight
-    density to a tenth) times both kernels twice on the real inputs and remembers the
-    faster; later calls only look it up. False without the extension, off the CPU, for
+    density to a tenth) times both kernels on the real inputs and remembers the faster
+    (:mod:`pxkern.ops.measured_choice`): oneDNN's speed depends on the layout
+    (channels-last input is up to 4x faster on 16-channel layers here) and the sparse
+    kernel's on density and shape, so no single crossover density holds. False without the extension, off the CPU, for
     string paddings and above ``MAX_SPARSE_DENSITY``; True for an all-zero weight.
     ``density``: the weight's fraction of nonzeros if the caller knows it (e.g. from its
     mask), saving a pass over the weight; otherwise counted.
@@ -137,26 +134,12 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
     if density == 0:
         return True
     key = (
-        tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), tuple(weight.shape),
+        "sparse_conv2d", tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), tuple(weight.shape),
         str(stride), str(padding), str(dilation), groups, x.dtype, torch.get_num_threads(),
         round(density * 10),
     )
-    if key not in _WINNERS:
-        _WINNERS[key] = _sparse_is_faster(x, weight, stride, padding, dilation, groups)
-    return _WINNERS[key]
-
-
-def _sparse_is_faster(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
-    def best_of_two(conv) -> float:
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            conv(x, weight, None, stride, padding, dilation, groups)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    with torch.no_grad():
-        return best_of_two(sparse_conv2d) < best_of_two(F.conv2d)
+    return second_is_faster(key, lambda: F.conv2d(x, weight, None, stride, padding, dilation, groups),
+                            lambda: sparse_conv2d(x, weight, None, stride, padding, dilation, groups))
 
 
 if EXTENSION_AVAILABLE:
