@@ -222,6 +222,9 @@ def test_prefer_sparse_conv2d_measures_and_remembers(monkeypatch):
     assert prefer_sparse_conv2d(x, dense, 1, 1, 1, 1, density=0.0), "said to be all zeros"
     prefer_sparse_conv2d(x, dense, 1, 1, 1, 1, density=0.3)
     assert len(measured) == 6, "density 0.3 is another configuration than 0.2"
+    # Float64 has no oneDNN kernel to lose against: even a dense weight is measured.
+    assert prefer_sparse_conv2d(x.double(), dense.double(), 1, 1, 1, 1)
+    assert len(measured) == 8, "a dense float64 weight is measured"
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:

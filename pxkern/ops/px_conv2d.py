@@ -186,11 +186,11 @@ def _folded_bias(bias: Tensor | None, factor: Tensor | None, shift: Tensor | Non
     return scaled if shift is None else scaled + shift
 
 
-def _data_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-               density: float) -> Tensor:
-    """A float32 convolution of streams A or B on whichever of oneDNN and
+def _measured_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+                   density: float) -> Tensor:
+    """A convolution of one stream on whichever of ATen's (oneDNN in float32) and
     ``sparse_conv2d`` measured faster for this weight's sparsity (``density``, the mask's:
-    A's and B's weights share its zeros)."""
+    the streams' weights share its zeros)."""
     if prefer_sparse_conv2d(x, weight, stride, padding, 1, 1, density):
         return sparse_conv2d(x, weight, bias, stride, padding)
     return F.conv2d(x, weight, bias, stride, padding)
@@ -237,7 +237,7 @@ def _forward_cpp(
     if density == 0:
         a, b, b_amax = _pruned_away_streams(x, a_bias, b_offset, relu, (weight.shape[0], *out_size))
         return a, b, c.to(h.dtype), b_amax, c.abs().amax()
-    a = _data_conv(x, masked if scale is None else masked * _per_output(data_scale), a_bias, stride, padding,
+    a = _measured_conv(x, masked if scale is None else masked * _per_output(data_scale), a_bias, stride, padding,
                    density)
     if mask is None:
         # Written into a tensor of a's layout: gate_streams runs on one layout.
@@ -247,7 +247,7 @@ def _forward_cpp(
         if b_offset is not None:
             b.add_(b_offset.reshape(1, -1, 1, 1))
     else:
-        b = _data_conv(u, mask.to(x.dtype) * _per_output(b_factor), b_offset, stride, padding, density)
+        b = _measured_conv(u, mask.to(x.dtype) * _per_output(b_factor), b_offset, stride, padding, density)
     if relu:
         a, b, _, gated_peak = gate_streams(a, b, relu=True, inplace=True)
         b_amax = torch.tensor(gated_peak, dtype=torch.float32)
@@ -274,7 +274,7 @@ def _kernel_stream_cpp(
         return c if c_bias is None else c.add_(c_bias.reshape(1, -1, 1, 1))
     kernel_weight = masked.to(c_dtype).square()
     kernel_weight = kernel_weight * (_per_output(c_scale) if scale is not None else c_scale)
-    return F.conv2d(h.to(c_dtype), kernel_weight, c_bias, stride, padding)
+    return _measured_conv(h.to(c_dtype), kernel_weight, c_bias, stride, padding, density)
 
 
 def _pruned_away_streams(

@@ -18,9 +18,12 @@ from pxkern.ops.measured_choice import second_is_faster
 
 __all__ = ["sparse_conv2d", "prefer_sparse_conv2d", "MAX_SPARSE_DENSITY"]
 
-# Above this weight density sparse_conv2d never beat F.conv2d (oneDNN) in
+# Above this weight density sparse_conv2d never beat F.conv2d (oneDNN) in float32 in
 # benchmarks/bench_sparse_conv2d.py (ResNet-20 and VGG-16 layers, 2-core AVX2 CPU), so
-# denser weights are not even measured.
+# denser float32 weights are not even measured. Float64 convolutions have no oneDNN
+# kernel (ATen's im2col + GEMM): there sparse_conv2d wins on some layers even dense
+# (ResNet-20's 16-channel 32x32 layers, one sample: 136 against 316 us), so every
+# float64 density is measured.
 MAX_SPARSE_DENSITY = 0.5
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -121,7 +124,8 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
     (:mod:`pxkern.ops.measured_choice`): oneDNN's speed depends on the layout
     (channels-last input is up to 4x faster on 16-channel layers here) and the sparse
     kernel's on density and shape, so no single crossover density holds. False without the extension, off the CPU, for
-    string paddings and above ``MAX_SPARSE_DENSITY``; True for an all-zero weight.
+    string paddings and above ``MAX_SPARSE_DENSITY`` in float32; True for an all-zero
+    weight.
     ``density``: the weight's fraction of nonzeros if the caller knows it (e.g. from its
     mask), saving a pass over the weight; otherwise counted.
     """
@@ -129,7 +133,7 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
         return False
     if density is None:
         density = torch.count_nonzero(weight).item() / weight.numel()
-    if density > MAX_SPARSE_DENSITY:
+    if density > MAX_SPARSE_DENSITY and x.dtype != torch.float64:
         return False
     if density == 0:
         return True
