@@ -162,6 +162,22 @@ def test_backward_geometry(backend, kernel, stride, padding):
     check_backward(backend, inputs, g, stride=stride, padding=padding, context=f"{kernel} s{stride} p{padding}")
 
 
+@pytest.mark.parametrize("h_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("split", [True, False], ids=["input-gradient-as-convolution", "aten-both"])
+@pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES)
+def test_cpu_backward_both_ways(monkeypatch, kernel, stride, padding, split, h_dtype):
+    """The CPU backward computes the input gradient either with ATen's weight gradient or
+    as a convolution of its own, whichever measured faster: each way, forced, against the
+    float64 reference."""
+    import pxkern.ops.px_conv2d as op
+
+    monkeypatch.setattr(op, "second_is_faster", lambda key, first, second: split)
+    inputs = layer_inputs(kernel=kernel, samples=2, h_dtype=h_dtype)
+    g = random_cotangent(inputs, stride, padding)
+    check_backward("cpp", inputs, g, stride=stride, padding=padding,
+                   context=f"{kernel} s{stride} p{padding} split={split} h {h_dtype}")
+
+
 # (mask, bias, affine, relu): every value of each, most pairs.
 OPTIONS = [
     ("random", True, "negative", False),
