@@ -151,17 +151,26 @@ PATH_STAGES = (
 )
 STAGES = tuple((key, name) for key, name, _ in PATH_STAGES) + (("setup", "setup"), ("select", "select"))
 
-# The kernels of an exact evaluation of the streams on the CPU, by profiler op name: A and
-# B run float32 convolutions (oneDNN, or sparse_conv2d where it measured faster), C float64
-# ones, which oneDNN lacks (ATen's slow_conv2d). An executor that runs these kernels cannot
-# skip them; everything else a round does (residual adds, BatchNorm, rescaling, mask
-# selection, Python) is overhead that a leaner one could cut. ResNet-20's one Linear layer,
-# the 64x10 classifier, costs microseconds and is not counted.
-KERNEL_GROUPS = {
-    "A and B convolutions": ("aten::mkldnn_convolution", "pxkern::sparse_conv2d"),
-    "C convolutions": ("aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"),
-    "ReLU gates": ("pxkern::relu_gate", "pxkern::gate_streams"),
-}
+# The kernels of an exact evaluation of the streams on the CPU, by profiler op name and
+# input dtype: A and B run float32 convolutions (oneDNN, or sparse_conv2d where it
+# measured faster), C float64 ones (ATen's slow_conv2d, which oneDNN lacks, or
+# sparse_conv2d). An executor that runs these kernels cannot skip them; everything else a
+# round does (residual adds, BatchNorm, rescaling, mask selection, Python) is overhead
+# that a leaner one could cut. ResNet-20's one Linear layer, the 64x10 classifier, costs
+# microseconds and is not counted.
+KERNEL_GROUPS = ("A and B convolutions", "C convolutions", "ReLU gates")
+_CONVOLUTIONS = frozenset({"aten::mkldnn_convolution", "pxkern::sparse_conv2d", "aten::_slow_conv2d_forward",
+                           "aten::_slow_conv2d_backward"})
+_GATES = frozenset({"pxkern::relu_gate", "pxkern::gate_streams"})
+
+
+def _kernel_group(event) -> str | None:
+    """The KERNEL_GROUPS entry of a profiler event (recorded with its input dtypes)."""
+    if event.name in _GATES:
+        return "ReLU gates"
+    if event.name in _CONVOLUTIONS:
+        return "C convolutions" if event.input_dtypes[:1] == ["double"] else "A and B convolutions"
+    return None
 
 
 def _ranges(profile, label: str) -> list:
@@ -177,10 +186,10 @@ def _seconds_within(ranges: list, outer) -> float:
 def _kernel_seconds(profile) -> dict[str, float]:
     """Self time (s) of each group of KERNEL_GROUPS in ``profile``."""
     totals = dict.fromkeys(KERNEL_GROUPS, 0.0)
-    for event in profile.key_averages():
-        for group, ops in KERNEL_GROUPS.items():
-            if event.key in ops:
-                totals[group] += event.self_cpu_time_total * 1e-6
+    for event in profile.events():
+        group = _kernel_group(event)
+        if group is not None:
+            totals[group] += event.self_cpu_time_total * 1e-6
     return totals
 
 
@@ -204,7 +213,8 @@ def prune_breakdown(rounds: int, quick: bool) -> tuple[list[dict], dict[str, flo
     # A warm-up prune: the first calls measure which convolution kernel wins (sparse_conv2d).
     prune(copy.deepcopy(base), x, density=0.018, rounds=rounds, progress=False)
     before = forward_times()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    # Input dtypes tell C's convolutions (float64) from A's and B's.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
         prune(copy.deepcopy(base), x, density=0.018, rounds=rounds, progress=False)
     # Forwards before and after the prune: one unlucky spell of the machine moves the median
     # of ten less than that of a few taken at one moment.
