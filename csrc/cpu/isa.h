@@ -17,6 +17,7 @@
 //   cpu::Isa               which path a core should take: kPortable or kAvx2.
 //   cpu::cpu_has_avx2_fma  whether this CPU supports AVX2 and FMA.
 //   cpu::select_isa        the path to use: the best one of this CPU, unless overridden.
+//   cpu::use_avx2          whether a core given an Isa takes its AVX2 path.
 //   cpu::Avx2<T>           256-bit vector wrappers for T = float / double (AVX2 path only),
 //                          so that a kernel is written once as a template over T.
 //
@@ -59,6 +60,10 @@ inline Isa select_isa() {
   if (forced != nullptr && std::string(forced) == "portable") return Isa::kPortable;
   return cpu_has_avx2_fma() ? Isa::kAvx2 : Isa::kPortable;
 }
+
+// Whether a core given `isa` takes its AVX2 path: asked for it, and this CPU (and build)
+// has it. False wherever PXKERN_HAVE_AVX2_PATH is 0, so a core can test it anywhere.
+inline bool use_avx2(Isa isa) { return isa == Isa::kAvx2 && cpu_has_avx2_fma(); }
 
 #if PXKERN_HAVE_AVX2_PATH
 

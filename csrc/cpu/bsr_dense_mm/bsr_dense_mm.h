@@ -515,12 +515,10 @@ inline std::vector<int64_t> block_row_ranges(const int32_t* row_offsets, int64_t
 template <typename T, Square Sq>
 void multiply(const Problem<T>& pr, Isa isa, int num_threads) {
   if (pr.block_rows == 0 || pr.rows == 0 || pr.cols == 0) return;
+  const bool avx2 = cpu::use_avx2(isa);
 #if PXKERN_HAVE_AVX2_PATH
-  const bool avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
   const int64_t lanes = avx2 ? Avx2<T>::kLanes : 1;
 #else
-  (void)isa;
-  const bool avx2 = false;
   const int64_t lanes = 1;
 #endif
   const int threads = resolve_threads(num_threads);

@@ -213,12 +213,7 @@ void bsr_px_scores(const T* values, const int32_t* row_offsets, const int32_t* c
                    int64_t batch, T* scores, Isa isa, int num_threads) {
   const int64_t block_rows = m / bm;
   if (block_rows == 0 || row_offsets[block_rows] == 0) return;
-#if PXKERN_HAVE_AVX2_PATH
-  const bool avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
-#else
-  (void)isa;
-  const bool avx2 = false;
-#endif
+  const bool avx2 = cpu::use_avx2(isa);
   const Problem<T> pr{values, row_offsets, column_indices, m, k, bm, bn, g, x, scores};
 #pragma omp parallel for schedule(dynamic) num_threads(resolve_threads(num_threads)) \
     if (block_rows > 1)

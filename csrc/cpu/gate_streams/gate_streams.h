@@ -106,11 +106,7 @@ __attribute__((target("avx2,fma"))) Peaks<T> range_avx2(const Arrays<T>& p, int6
 
 template <typename T, bool kResidual, bool kRelu>
 Peaks<T> all_chunks(const Arrays<T>& p, int64_t n, Isa isa, int num_threads) {
-#if PXKERN_HAVE_AVX2_PATH
-  const bool avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
-#else
-  (void)isa;
-#endif
+  [[maybe_unused]] const bool avx2 = cpu::use_avx2(isa);
   (void)num_threads;  // read by the OpenMP pragma only
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   T peak_a = 0, peak_b = 0;

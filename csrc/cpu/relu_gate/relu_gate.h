@@ -98,11 +98,7 @@ PXKERN_AVX2_FN T range_avx2(const T* x, int64_t begin, int64_t end, T slope, T* 
 // The whole array; num_threads <= 0 uses the OpenMP default.
 template <typename T>
 T relu_gate(const T* x, int64_t n, T slope, T* y, T* gate, Isa isa, int num_threads) {
-#if PXKERN_HAVE_AVX2_PATH
-  const bool avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
-#else
-  (void)isa;
-#endif
+  [[maybe_unused]] const bool avx2 = cpu::use_avx2(isa);
   (void)num_threads;  // read by the OpenMP pragma only
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   T peak = 0;

@@ -470,12 +470,7 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geo
   const SamplePlan plan = make_sample_plan(g);
   const int64_t plane_out = g.h_out * g.w_out;
   const int64_t x_sample = g.c_in * g.h * g.w;
-#if PXKERN_HAVE_AVX2_PATH
-  const bool use_avx2 = isa == Isa::kAvx2 && cpu_has_avx2_fma();
-#else
-  const bool use_avx2 = false;
-  (void)isa;
-#endif
+  const bool use_avx2 = cpu::use_avx2(isa);
   const int threads = cpu::resolve_threads(num_threads);
   // Split output channels only as far as needed to give every thread a few work items,
   // so that a thread usually prepares each sample once and reuses it for all channels.
