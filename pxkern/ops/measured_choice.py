@@ -1,9 +1,10 @@
 """Choosing between two exact implementations of one computation by timing both.
 
 Which of two kernels is faster on this CPU depends on shapes, layout, sparsity and the
-machine, so no fixed rule holds (``sparse_conv2d`` against oneDNN, B's complement form
-against its direct convolution). The first call of a configuration runs both twice on
-the real inputs and remembers the faster; later calls only look it up.
+machine, so no fixed rule holds (``sparse_conv2d`` against ATen's convolution; in
+``px_conv2d``'s CPU backward, the input gradient as a convolution against ATen's). The
+first call of a configuration runs both twice on the real inputs and remembers the
+faster; later calls only look it up.
 """
 
 import time

@@ -81,9 +81,9 @@ def px_linear_forward(
 
     Returns:
         ``(a, b, c, b_amax, c_amax)``: ``a, b [N, M]`` in x's dtype, ``c [R, M]`` in h's;
-        ``b_amax = max|b|`` (None without ``b_peak``) and ``c_amax = max|c|`` of the stored values as 0-d float32
-        tensors (a float64 C mantissa's maximum rounds to float32: the caller keeps C's
-        mantissas near 1).
+        ``b_amax = max|b|`` (None without ``b_peak``) and ``c_amax = max|c|`` of the
+        stored values as 0-d float32 tensors (a float64 C mantissa's maximum rounds to
+        float32: the caller keeps C's mantissas near 1).
     """
     check_forward_arguments(
         _OP, 2, x, u, h, weight, mask, bias, scale, shift, relu,

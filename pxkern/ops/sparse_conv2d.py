@@ -123,11 +123,11 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
     density to a tenth) times both kernels on the real inputs and remembers the faster
     (:mod:`pxkern.ops.measured_choice`): oneDNN's speed depends on the layout
     (channels-last input is up to 4x faster on 16-channel layers here) and the sparse
-    kernel's on density and shape, so no single crossover density holds. False without the extension, off the CPU, for
-    string paddings and above ``MAX_SPARSE_DENSITY`` in float32; True for an all-zero
-    weight.
-    ``density``: the weight's fraction of nonzeros if the caller knows it (e.g. from its
-    mask), saving a pass over the weight; otherwise counted.
+    kernel's on density and shape, so no single crossover density holds. False without
+    the extension, off the CPU, for string paddings and above ``MAX_SPARSE_DENSITY`` in
+    float32; True for an all-zero weight. ``density``: the weight's fraction of nonzeros
+    if the caller knows it (e.g. from its mask), saving a pass over the weight; otherwise
+    counted.
     """
     if _backend(x) != "cpp" or isinstance(padding, str) or weight.numel() == 0:
         return False
