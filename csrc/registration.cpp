@@ -14,7 +14,7 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(pxkern, m) {
   m.def(
       "sparse_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups) -> Tensor");
+      "int[2] dilation, int groups, Tensor? ones_scale=None) -> Tensor");
   m.def(
       "bsr_dense_mm(Tensor values, Tensor row_offsets, Tensor column_indices, int[2] shape, "
       "Tensor x, Tensor? bias, bool square_weight=False) -> Tensor");

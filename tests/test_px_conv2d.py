@@ -45,12 +45,13 @@ MULTIPLIERS = {"u_scale": 2.0**-3, "u_offset_scale": 2.0**-40, "h_scale": 2.0**5
 
 
 def random_mask(shape, kind, dtype, gen):
-    """None, a random 0/1 bool mask, the same in ``dtype``, or all zeros."""
+    """None, a random 0/1 bool mask (60% ones, or 90% for "mostly-ones"), the same in
+    ``dtype``, or all zeros."""
     if kind is None:
         return None
     if kind == "zeros":
         return torch.zeros(shape, dtype=torch.bool)
-    mask = torch.rand(shape, generator=gen) < 0.6
+    mask = torch.rand(shape, generator=gen) < (0.9 if kind == "mostly-ones" else 0.6)
     return mask.to(dtype) if kind == "random-float" else mask
 
 
@@ -176,6 +177,23 @@ def test_cpu_backward_both_ways(monkeypatch, kernel, stride, padding, split, h_d
     g = random_cotangent(inputs, stride, padding)
     check_backward("cpp", inputs, g, stride=stride, padding=padding,
                    context=f"{kernel} s{stride} p{padding} split={split} h {h_dtype}")
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("mask", [None, "mostly-ones", "random", "random-float"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-kernel", "aten"])
+@pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES)
+def test_cpu_forward_both_kernels(monkeypatch, kernel, stride, padding, sparse, mask, channels_last):
+    """Each stream's convolution runs on ATen's or ``sparse_conv2d``, whichever measured
+    faster; B's mask, at least half ones here, runs on the sparse kernel as its complement
+    with ``ones_scale``. Each way, forced, against the float64 reference."""
+    import pxkern.ops.sparse_conv2d as sparse_op
+
+    monkeypatch.setattr(sparse_op, "MAX_SPARSE_DENSITY", 1.0)  # measure even dense weights
+    monkeypatch.setattr(sparse_op, "second_is_faster", lambda key, first, second: sparse)
+    inputs = layer_inputs(kernel=kernel, mask=mask, channels_last=channels_last)
+    check_forward("cpp", inputs, stride=stride, padding=padding,
+                  context=f"{kernel} s{stride} p{padding} sparse={sparse} mask={mask}")
 
 
 # (mask, bias, affine, relu): every value of each, most pairs.

@@ -102,6 +102,37 @@ def test_matches_conv2d_resnet20_shapes(isa, c_in, c_out, hw, kernel, stride, pa
         check_against_reference(x, weight, bias, stride, padding, 1, 1, f"density={density}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation",
+    [((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)), ((3, 2), (2, 1), (2, 0), (2, 1)),
+     ((1, 1), (2, 2), (0, 0), (1, 1)), ((3, 3), (1, 1), (0, 0), (1, 1))],
+)
+@pytest.mark.parametrize("density", [0.3, 0.0])
+def test_ones_scale_adds_a_constant_per_output_channel(isa, dtype, layout, kernel, stride, padding,
+                                                       dilation, density):
+    # The complement form of a mostly-ones weight: conv(x, W + s (x) 1), also with an
+    # all-zero W (then only the box filter of the channel sum runs), both layouts and the
+    # in-place channels-first path (stride 1, no padding).
+    x, weight, bias = random_conv_inputs(3, 5, (11, 13), 7, kernel, 1, density, dtype)
+    ones_scale = torch.randn(7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = F.conv2d(x.double(), weight.double() + ones_scale.reshape(-1, 1, 1, 1), bias.double(),
+                        stride, padding, dilation)
+    out = sparse_conv2d(x.contiguous(memory_format=layout), weight, bias, stride, padding, dilation,
+                        ones_scale=ones_scale.to(dtype))
+    assert_close_to_reference(out, expected, dtype, f"ones_scale, density={density}")
+    assert out.is_contiguous(memory_format=layout), "layout of x kept"
+
+
+def test_ones_scale_checks():
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(4, 2, 3, 3)
+    with pytest.raises(ValueError, match="ones_scale needs groups=1"):
+        sparse_conv2d(x, w, groups=2, ones_scale=torch.ones(4))
+    with pytest.raises(ValueError, match="ones_scale must be"):
+        sparse_conv2d(x, torch.randn(4, 4, 3, 3), ones_scale=torch.ones(3))
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_all_zero_weight_gives_bias(isa, layout):
     x = torch.randn(2, 4, 9, 7).contiguous(memory_format=layout)
@@ -185,15 +216,27 @@ def test_bad_input_registered_op(x, weight, bias, message):
 
 
 @needs_extension
+def test_bad_ones_scale_registered_op():
+    x, weight = torch.randn(2, 4, 8, 8), torch.randn(4, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="ones_scale needs groups=1"):
+        torch.ops.pxkern.sparse_conv2d(x, weight, None, [1, 1], [0, 0], [1, 1], 2, torch.ones(4))
+    with pytest.raises(RuntimeError, match=r"ones_scale must have shape \[4\]"):
+        torch.ops.pxkern.sparse_conv2d(x, torch.randn(4, 4, 3, 3), None, [1, 1], [0, 0], [1, 1], 1,
+                                       torch.ones(5))
+
+
+@needs_extension
 @pytest.mark.parametrize(
-    "bias,stride,padding,dilation,groups",
-    [(True, [1, 1], [1, 1], [1, 1], 1), (False, [2, 2], [0, 1], [1, 2], 2)],
+    "bias,stride,padding,dilation,groups,ones_scale",
+    [(True, [1, 1], [1, 1], [1, 1], 1, False), (False, [2, 2], [0, 1], [1, 2], 2, False),
+     (True, [2, 1], [1, 0], [1, 1], 1, True)],
 )
-def test_opcheck(bias, stride, padding, dilation, groups):
+def test_opcheck(bias, stride, padding, dilation, groups, ones_scale):
     x, weight, b = random_conv_inputs(2, 4, (9, 11), 6, (3, 3), groups, 0.3, torch.float32)
     torch.library.opcheck(
         torch.ops.pxkern.sparse_conv2d.default,
-        (x, weight, b if bias else None, stride, padding, dilation, groups),
+        (x, weight, b if bias else None, stride, padding, dilation, groups,
+         torch.randn(6) if ones_scale else None),
     )
 
 

@@ -50,7 +50,7 @@ from pxkern.ops.px_layer_common import (
     without_b_peak,
 )
 from pxkern.ops.measured_choice import second_is_faster
-from pxkern.ops.sparse_conv2d import prefer_sparse_conv2d, sparse_conv2d
+from pxkern.ops.sparse_conv2d import MAX_SPARSE_DENSITY, prefer_sparse_conv2d, sparse_conv2d
 
 __all__ = ["px_conv2d_backward", "px_conv2d_forward"]
 
@@ -188,13 +188,33 @@ def _folded_bias(bias: Tensor | None, factor: Tensor | None, shift: Tensor | Non
 
 
 def _measured_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                   density: float) -> Tensor:
+                   density: float, ones_scale: Tensor | None = None) -> Tensor:
     """A convolution of one stream on whichever of ATen's (oneDNN in float32) and
     ``sparse_conv2d`` measured faster for this weight's sparsity (``density``, the mask's:
-    the streams' weights share its zeros)."""
-    if prefer_sparse_conv2d(x, weight, stride, padding, 1, 1, density):
-        return sparse_conv2d(x, weight, bias, stride, padding)
+    the streams' weights share its zeros). With ``ones_scale`` the convolution of
+    ``weight + ones_scale`` (see ``sparse_conv2d``), ``density`` that of ``weight``."""
+    if prefer_sparse_conv2d(x, weight, stride, padding, 1, 1, density, ones_scale):
+        return sparse_conv2d(x, weight, bias, stride, padding, ones_scale=ones_scale)
+    if ones_scale is not None:
+        weight = weight + _per_output(ones_scale)
     return F.conv2d(x, weight, bias, stride, padding)
+
+
+def _mask_conv(u: Tensor, mask: Tensor | None, weight_shape: torch.Size, factor: Tensor, bias: Tensor | None,
+               stride: list[int], padding: list[int], density: float) -> Tensor:
+    """Stream B's convolution, of weight ``mask * factor`` (``factor`` per output channel;
+    no mask: all ones). A mask mostly of ones has a mostly-zero complement:
+    ``conv(u, M f) = conv(u, (M - 1) f + f)``, which ``sparse_conv2d`` runs on the
+    nonzeros of ``(M - 1) f`` plus one box filter of u's channel sum (its ``ones_scale``),
+    when that measured faster than the dense convolution: 0.8-1.9 against 2.8 ms on
+    ResNet-20's 16-channel 32x32 layers at B=128 and the masks of a prune's first 30
+    rounds (0.98-0.78 dense). ``(M - 1) f`` is exact, and the complement's sum is within
+    float32 rounding of the dense one for masks at least half ones."""
+    if density > 1 - MAX_SPARSE_DENSITY:
+        complement = (torch.zeros(weight_shape, dtype=u.dtype, device=u.device) if mask is None
+                      else (mask.to(u.dtype) - 1).mul_(_per_output(factor)))
+        return _measured_conv(u, complement, bias, stride, padding, 1 - density, factor)
+    return _measured_conv(u, mask.to(u.dtype) * _per_output(factor), bias, stride, padding, density)
 
 
 def _box_filtered_channel_sum(u: Tensor, kernel: Sequence[int], stride: list[int], padding: list[int]) -> Tensor:
@@ -240,15 +260,7 @@ def _forward_cpp(
         return a, b, c.to(h.dtype), b_amax, c.abs().amax()
     a = _measured_conv(x, masked if scale is None else masked * _per_output(data_scale), a_bias, stride, padding,
                    density)
-    if mask is None:
-        # Written into a tensor of a's layout: gate_streams runs on one layout.
-        b = torch.empty_like(a)
-        torch.mul(_box_filtered_channel_sum(u, weight.shape[2:], stride, padding),
-                  b_factor.reshape(1, -1, 1, 1), out=b)
-        if b_offset is not None:
-            b.add_(b_offset.reshape(1, -1, 1, 1))
-    else:
-        b = _measured_conv(u, mask.to(x.dtype) * _per_output(b_factor), b_offset, stride, padding, density)
+    b = _mask_conv(u, mask, weight.shape, b_factor, b_offset, stride, padding, density)
     if relu:
         a, b, _, gated_peak = gate_streams(a, b, relu=True, inplace=True)
         b_amax = torch.tensor(gated_peak, dtype=torch.float32)

@@ -46,8 +46,11 @@ def sparse_conv2d(
     padding: int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
+    *,
+    ones_scale: Tensor | None = None,
 ) -> Tensor:
-    """2-D convolution that skips the zeros of ``weight``; equals ``F.conv2d``.
+    """2-D convolution that skips the zeros of ``weight``; equals ``F.conv2d``, with
+    ``ones_scale`` that of the weight ``weight + ones_scale[:, None, None, None]``.
 
     Args:
         x: ``[N, C_in, H, W]``, float32 or float64 (made contiguous if it is not).
@@ -56,6 +59,10 @@ def sparse_conv2d(
         bias: ``[C_out]`` or None.
         stride, padding, dilation: int or ``(h, w)`` pair; zero padding only.
         groups: number of channel groups.
+        ones_scale: ``[C_out]`` or None (groups=1 only): adds ``ones_scale[co]`` to every
+            weight of output channel ``co`` at the cost of one box filter of the channel
+            sum per sample. A mostly-ones weight ``M * s`` runs as the sparse
+            ``(M - 1) * s`` with ``ones_scale=s``.
 
     Returns:
         ``[N, C_out, H_out, W_out]`` in the memory format of ``x`` (channels-last or
@@ -85,13 +92,16 @@ def sparse_conv2d(
             f"with groups={groups} expects {weight.shape[1] * groups} and C_out divisible by "
             "groups"
         )
-    if bias is not None and (
-        bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device
-    ):
-        raise ValueError(
-            f"sparse_conv2d: bias must be [{weight.shape[0]}] {x.dtype} on {x.device}, got "
-            f"{tuple(bias.shape)} {bias.dtype} on {bias.device}"
-        )
+    for name, vector in (("bias", bias), ("ones_scale", ones_scale)):
+        if vector is not None and (
+            vector.shape != (weight.shape[0],) or vector.dtype != x.dtype or vector.device != x.device
+        ):
+            raise ValueError(
+                f"sparse_conv2d: {name} must be [{weight.shape[0]}] {x.dtype} on {x.device}, got "
+                f"{tuple(vector.shape)} {vector.dtype} on {vector.device}"
+            )
+    if ones_scale is not None and groups != 1:
+        raise ValueError(f"sparse_conv2d: ones_scale needs groups=1, got groups={groups}")
     stride_hw = _pair(stride, "stride")
     padding_hw = _pair(padding, "padding")
     dilation_hw = _pair(dilation, "dilation")
@@ -106,8 +116,10 @@ def sparse_conv2d(
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous()
         return torch.ops.pxkern.sparse_conv2d(
-            x, weight.contiguous(), bias, stride_hw, padding_hw, dilation_hw, groups
+            x, weight.contiguous(), bias, stride_hw, padding_hw, dilation_hw, groups, ones_scale
         )
+    if ones_scale is not None:
+        weight = weight + ones_scale.reshape(-1, 1, 1, 1)
     return F.conv2d(x, weight, bias, stride_hw, padding_hw, dilation_hw, groups)
 
 
@@ -116,17 +128,19 @@ def _backend(x: Tensor) -> str:
 
 
 def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
-                         density: float | None = None) -> bool:
+                         density: float | None = None, ones_scale: Tensor | None = None) -> bool:
     """Whether ``sparse_conv2d`` beats ``F.conv2d`` for this call, as measured.
 
     The first call of a configuration (shapes, layout, strides, dtype, threads, weight
-    density to a tenth) times both kernels on the real inputs and remembers the faster
-    (:mod:`pxkern.ops.measured_choice`): oneDNN's speed depends on the layout
-    (channels-last input is up to 4x faster on 16-channel layers here) and the sparse
-    kernel's on density and shape, so no single crossover density holds. False without
-    the extension, off the CPU, for string paddings and above ``MAX_SPARSE_DENSITY`` in
-    float32; True for an all-zero weight. ``density``: the weight's fraction of nonzeros
-    if the caller knows it (e.g. from its mask), saving a pass over the weight; otherwise
+    density to a tenth, with or without ``ones_scale``) times both kernels on the real
+    inputs and remembers the faster (:mod:`pxkern.ops.measured_choice`): oneDNN's speed
+    depends on the layout (channels-last input is up to 4x faster on 16-channel layers
+    here) and the sparse kernel's on density and shape, so no single crossover density
+    holds. With ``ones_scale``, ``F.conv2d`` gets the weight ``weight + ones_scale`` (see
+    :func:`sparse_conv2d`). False without the extension, off the CPU, for string
+    paddings and above ``MAX_SPARSE_DENSITY`` in float32; True for an all-zero weight
+    without ``ones_scale``. ``density``: the fraction of nonzeros of ``weight`` if the
+    caller knows it (e.g. from its mask), saving a pass over the weight; otherwise
     counted.
     """
     if _backend(x) != "cpp" or isinstance(padding, str) or weight.numel() == 0:
@@ -135,15 +149,20 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
         density = torch.count_nonzero(weight).item() / weight.numel()
     if density > MAX_SPARSE_DENSITY and x.dtype != torch.float64:
         return False
-    if density == 0:
+    if density == 0 and ones_scale is None:
         return True
     key = (
         "sparse_conv2d", tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), tuple(weight.shape),
         str(stride), str(padding), str(dilation), groups, x.dtype, torch.get_num_threads(),
-        round(density * 10),
+        round(density * 10), ones_scale is not None,
     )
-    return second_is_faster(key, lambda: F.conv2d(x, weight, None, stride, padding, dilation, groups),
-                            lambda: sparse_conv2d(x, weight, None, stride, padding, dilation, groups))
+
+    def dense() -> Tensor:
+        effective = weight if ones_scale is None else weight + ones_scale.reshape(-1, 1, 1, 1)
+        return F.conv2d(x, effective, None, stride, padding, dilation, groups)
+
+    return second_is_faster(key, dense, lambda: sparse_conv2d(x, weight, None, stride, padding, dilation, groups,
+                                                              ones_scale=ones_scale))
 
 
 if EXTENSION_AVAILABLE:
@@ -157,6 +176,7 @@ if EXTENSION_AVAILABLE:
         padding: Sequence[int],
         dilation: Sequence[int],
         groups: int,
+        ones_scale: Tensor | None = None,
     ) -> Tensor:
         torch._check(
             weight.shape[1] * groups == x.shape[1],

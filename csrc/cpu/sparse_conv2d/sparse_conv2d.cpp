@@ -15,11 +15,28 @@ std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* name) {
   return {v[0], v[1]};
 }
 
+// A [C_out] vector argument (bias, ones_scale) checked and made contiguous; undefined if absent.
+at::Tensor per_channel_arg(const std::optional<at::Tensor>& v, const char* name, int64_t c_out,
+                           at::ScalarType dtype) {
+  if (!v.has_value()) return at::Tensor();
+  TORCH_CHECK(v->device().is_cpu(), "sparse_conv2d: ", name, " must be a CPU tensor");
+  TORCH_CHECK(v->scalar_type() == dtype, "sparse_conv2d: ", name, " dtype ", v->scalar_type(),
+              " must match x dtype ", dtype);
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == c_out, "sparse_conv2d: ", name,
+              " must have shape [", c_out, "], got ", v->sizes());
+  return v->contiguous();
+}
+
 template <typename T>
-void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias, at::Tensor& out,
-         const sparse_conv2d::Geometry& g) {
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+         const at::Tensor& ones_scale, at::Tensor& out, const sparse_conv2d::Geometry& g) {
   sparse_conv2d::sparse_conv2d<T>(x.const_data_ptr<T>(), weight.const_data_ptr<T>(),
-                                  bias != nullptr ? bias->const_data_ptr<T>() : nullptr,
+                                  data_or_null<T>(bias), data_or_null<T>(ones_scale),
                                   out.mutable_data_ptr<T>(), g, sparse_conv2d::select_isa(),
                                   at::get_num_threads());
 }
@@ -28,7 +45,8 @@ void run(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias, 
 
 at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                              const std::optional<at::Tensor>& bias_in, at::IntArrayRef stride,
-                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                             const std::optional<at::Tensor>& ones_scale_in) {
   TORCH_CHECK(x_in.device().is_cpu() && weight_in.device().is_cpu(),
               "sparse_conv2d: x and weight must be CPU tensors, got ", x_in.device(), " and ",
               weight_in.device());
@@ -64,15 +82,11 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
       x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
   const at::Tensor x = channels_last ? x_in : x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
-  at::Tensor bias;
-  if (bias_in.has_value()) {
-    TORCH_CHECK(bias_in->device().is_cpu(), "sparse_conv2d: bias must be a CPU tensor");
-    TORCH_CHECK(bias_in->scalar_type() == x.scalar_type(), "sparse_conv2d: bias dtype ",
-                bias_in->scalar_type(), " must match x dtype ", x.scalar_type());
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == c_out,
-                "sparse_conv2d: bias must have shape [", c_out, "], got ", bias_in->sizes());
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = per_channel_arg(bias_in, "bias", c_out, x.scalar_type());
+  const at::Tensor ones_scale = per_channel_arg(ones_scale_in, "ones_scale", c_out, x.scalar_type());
+  // The ones_scale term is a box filter of the sum over all input channels.
+  TORCH_CHECK(!ones_scale.defined() || groups == 1,
+              "sparse_conv2d: ones_scale needs groups=1, got groups=", groups);
 
   const sparse_conv2d::Geometry g = sparse_conv2d::make_geometry(
       x.size(0), c_in, x.size(2), x.size(3), c_out, weight.size(2), weight.size(3), groups, sh,
@@ -86,11 +100,10 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
       x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                               : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  const at::Tensor* bias_ptr = bias.defined() ? &bias : nullptr;
   if (x.scalar_type() == at::kFloat) {
-    run<float>(x, weight, bias_ptr, out, g);
+    run<float>(x, weight, bias, ones_scale, out, g);
   } else {
-    run<double>(x, weight, bias_ptr, out, g);
+    run<double>(x, weight, bias, ones_scale, out, g);
   }
   return out;
 }

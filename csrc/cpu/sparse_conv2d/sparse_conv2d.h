@@ -1,12 +1,16 @@
 // Direct sparse 2-D convolution on the CPU (torch-free core of pxkern::sparse_conv2d).
 //
-// Computes out = conv2d(x, weight, bias, stride, padding, dilation, groups) for a weight
-// that is mostly zeros, touching only its nonzero taps.
+// Computes out = conv2d(x, weight + ones_scale (x) 1, bias, stride, padding, dilation,
+// groups) for a weight that is mostly zeros, touching only its nonzero taps. The optional
+// ones_scale adds ones_scale[co] to every weight of output channel co at the cost of one
+// box filter per sample: conv2d(x, s (x) 1) = s (x) box(sum over channels of x). So a
+// mostly-ones weight M runs as the sparse weight M - 1 with ones_scale 1.
 //
 // Inputs (row-major, contiguous):
-//   x       [N, C_in, H, W], or [N, H, W, C_in] if channels_last
-//   weight  [C_out, C_in / groups, kh, kw]   any values; zeros are skipped
-//   bias    [C_out] or nullptr
+//   x          [N, C_in, H, W], or [N, H, W, C_in] if channels_last
+//   weight     [C_out, C_in / groups, kh, kw]   any values; zeros are skipped
+//   bias       [C_out] or nullptr
+//   ones_scale [C_out] or nullptr (groups == 1 only)
 // Output:
 //   out     [N, C_out, H_out, W_out] (or [N, H_out, W_out, C_out] if channels_last),
 //           H_out = (H + 2 ph - dh (kh - 1) - 1) / sh + 1
@@ -29,7 +33,10 @@
 //      no load leaves the sample buffer. Channels-last: the item's planes go to a
 //      per-thread scratch and are transposed into out once all are done, so the tile
 //      stores stay unit-stride.
-//   An all-zero weight skips all of this: out is the bias.
+//   With ones_scale, each thread also sums its prepared sample over channels and box
+//   filters that sum (the kh x kw all-ones taps, through the same tile code) into one
+//   plane; every tile then starts from bias + ones_scale[co] * box instead of the bias.
+//   An all-zero weight without ones_scale skips all of this: out is the bias.
 //   AVX2+FMA path chosen at run time (see ../isa.h); a portable scalar path with the
 //   same structure otherwise, or when PXKERN_CPU_ISA=portable.
 //
@@ -298,6 +305,10 @@ struct PlaneArgs {
   T bias;
   T* dst;
   int64_t h_out, w_out;
+  // If set, every output element starts from bias + init_scale * init[oy][ox] (init is
+  // [h_out, w_out]): the ones_scale term.
+  const T* init = nullptr;
+  T init_scale = T(0);
 };
 
 // Portable path: same tiling with plain loops (the compiler may vectorize it for the
@@ -311,7 +322,10 @@ void plane_portable(const PlaneArgs<T>& a) {
       const int64_t cols = std::min(kCols, a.w_out - ox0);
       T acc[kRows][kCols];
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) acc[r][c] = a.bias;
+        for (int64_t c = 0; c < cols; ++c)
+          acc[r][c] = a.init == nullptr
+                          ? a.bias
+                          : a.bias + a.init_scale * a.init[(oy0 + r) * a.w_out + ox0 + c];
       const T* base = a.src + oy0 * a.src_row_stride + ox0;
       for (int64_t t = 0; t < a.ntaps; ++t) {
         const T* p = base + a.offset[t];
@@ -343,6 +357,16 @@ PXKERN_AVX2_FN void tile_avx2(const PlaneArgs<T>& a, int64_t oy0, int64_t ox0, _
   const typename S::Vec b = S::set1(a.bias);
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = b;
+  if (a.init != nullptr) {
+    const typename S::Vec s = S::set1(a.init_scale);
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < V; ++v) {
+        const T* q = a.init + (oy0 + r) * a.w_out + ox0 + v * L;
+        const typename S::Vec in = (kTail && v == V - 1) ? S::maskload(q, tail) : S::load(q);
+        acc[r][v] = S::fma(s, in, acc[r][v]);
+      }
+    }
+  }
   const int64_t rs = a.src_row_stride;
   const T* base = a.src + oy0 * rs + ox0;
   for (int64_t t = 0; t < a.ntaps; ++t) {
@@ -456,17 +480,59 @@ void store_channels_last(const T* planes, int64_t channels, int64_t plane_stride
   transpose(planes, plane_stride, channels, plane_out, out_sample + co_begin, c_out, vector);
 }
 
-// out = conv2d(x, weight, bias) with geometry g, in g's layout (see file header).
-// bias may be nullptr. num_threads <= 0 uses the OpenMP default.
+// One output plane through the tile code of the selected ISA.
 template <typename T>
-void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geometry& g,
-                   Isa isa, int num_threads) {
+void run_plane(const PlaneArgs<T>& a, bool use_avx2) {
+#if PXKERN_HAVE_AVX2_PATH
+  if (use_avx2) {
+    plane_avx2(a);
+    return;
+  }
+#endif
+  (void)use_avx2;
+  plane_portable(a);
+}
+
+// The ones_scale term of one prepared sample: box[h_out, w_out] = conv2d of the sample's
+// channel sum with the all-ones kh x kw kernel, in the layer's geometry. channel_sum has
+// the size of one channel of the sample (sh sw polyphase planes); box_taps are the
+// all-ones taps of one channel (see make_box_taps).
+template <typename T>
+void box_of_channel_sum(const T* sample, const Geometry& g, const PackedTaps<T>& box_taps,
+                        T* channel_sum, T* box, bool use_avx2) {
+  const int64_t channel_numel = g.sh * g.sw * g.hph * g.wph;
+  std::copy(sample, sample + channel_numel, channel_sum);
+  for (int64_t c = 1; c < g.c_in; ++c) {
+    const T* plane = sample + c * channel_numel;
+    for (int64_t k = 0; k < channel_numel; ++k) channel_sum[k] += plane[k];
+  }
+  run_plane(PlaneArgs<T>{channel_sum, g.wph, box_taps.offset.data(), box_taps.value.data(),
+                         static_cast<int64_t>(box_taps.offset.size()), T(0), box, g.h_out, g.w_out},
+            use_avx2);
+}
+
+// The kh x kw taps of an all-ones kernel on a one-channel sample of geometry g.
+template <typename T>
+PackedTaps<T> make_box_taps(const Geometry& g) {
+  Geometry one = g;
+  one.c_in = one.c_out = one.groups = 1;
+  const std::vector<T> ones(g.kh * g.kw, T(1));
+  return pack_taps(ones.data(), one);
+}
+
+// out = conv2d(x, weight + ones_scale (x) 1, bias) with geometry g, in g's layout (see
+// file header). bias and ones_scale may be nullptr. num_threads <= 0 uses the OpenMP
+// default.
+template <typename T>
+void sparse_conv2d(const T* x, const T* weight, const T* bias, const T* ones_scale, T* out,
+                   const Geometry& g, Isa isa, int num_threads) {
   if (g.n == 0 || g.c_out == 0 || g.h_out <= 0 || g.w_out <= 0) return;
   const PackedTaps<T> taps = pack_taps(weight, g);
-  if (taps.offset.empty()) {
+  if (taps.offset.empty() && ones_scale == nullptr) {
     fill_bias(bias, out, g);
     return;
   }
+  const PackedTaps<T> box_taps = ones_scale != nullptr ? make_box_taps<T>(g) : PackedTaps<T>{};
   const SamplePlan plan = make_sample_plan(g);
   const int64_t plane_out = g.h_out * g.w_out;
   const int64_t x_sample = g.c_in * g.h * g.w;
@@ -488,43 +554,42 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, T* out, const Geo
     std::vector<T> scratch(g.in_place ? 0 : g.sample_numel);
     const int64_t plane_stride = scratch_plane_stride<T>(plane_out);
     std::vector<T> planes(g.channels_last ? co_per_block * plane_stride : 0);
+    std::vector<T> channel_sum(ones_scale != nullptr ? g.sample_numel / g.c_in : 0);
+    std::vector<T> box(ones_scale != nullptr ? plane_out : 0);
     int64_t prepared = -1;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t n = item / co_blocks;
       const int64_t co_begin = (item % co_blocks) * co_per_block;
       const int64_t co_end = std::min(g.c_out, co_begin + co_per_block);
-      const T* src = x + n * x_sample;
-      if (!g.in_place) {
-        if (prepared != n) {
+      const T* src = g.in_place ? x + n * x_sample : scratch.data();
+      if (prepared != n) {
+        if (!g.in_place) {
           if (g.channels_last) {
-            prepare_sample_channels_last(src, g, plan, scratch.data(), use_avx2);
+            prepare_sample_channels_last(x + n * x_sample, g, plan, scratch.data(), use_avx2);
           } else {
-            prepare_sample(src, g, plan, scratch.data());
+            prepare_sample(x + n * x_sample, g, plan, scratch.data());
           }
-          prepared = n;
         }
-        src = scratch.data();
+        if (ones_scale != nullptr)
+          box_of_channel_sum(src, g, box_taps, channel_sum.data(), box.data(), use_avx2);
+        prepared = n;
       }
       for (int64_t co = co_begin; co < co_end; ++co) {
         const int64_t t0 = taps.row_ptr[co];
-        const PlaneArgs<T> a{src,
-                             g.wph,
-                             taps.offset.data() + t0,
-                             taps.value.data() + t0,
-                             taps.row_ptr[co + 1] - t0,
-                             bias != nullptr ? bias[co] : T(0),
-                             g.channels_last ? planes.data() + (co - co_begin) * plane_stride
-                                             : out + (n * g.c_out + co) * plane_out,
-                             g.h_out,
-                             g.w_out};
-#if PXKERN_HAVE_AVX2_PATH
-        if (use_avx2) {
-          plane_avx2(a);
-          continue;
-        }
-#endif
-        plane_portable(a);
+        run_plane(PlaneArgs<T>{src,
+                               g.wph,
+                               taps.offset.data() + t0,
+                               taps.value.data() + t0,
+                               taps.row_ptr[co + 1] - t0,
+                               bias != nullptr ? bias[co] : T(0),
+                               g.channels_last ? planes.data() + (co - co_begin) * plane_stride
+                                               : out + (n * g.c_out + co) * plane_out,
+                               g.h_out,
+                               g.w_out,
+                               ones_scale != nullptr ? box.data() : nullptr,
+                               ones_scale != nullptr ? ones_scale[co] : T(0)},
+                  use_avx2);
       }
       if (g.channels_last)
         store_channels_last(planes.data(), co_end - co_begin, plane_stride, plane_out, co_begin, g.c_out,

@@ -17,6 +17,7 @@ struct Case {
   int64_t n, c_in, h, w, c_out, kh, kw, groups, sh, sw, ph, pw, dh, dw;
   double density;
   bool bias;
+  bool ones_scale = false;  // add a per-output-channel constant to the weight (groups == 1)
 };
 
 // conv2d by definition, accumulated in double.
@@ -55,12 +56,19 @@ bool check_case(const Case& k, Isa isa, bool channels_last, int threads, double 
   std::uniform_real_distribution<double> value(-1.0, 1.0);
   std::bernoulli_distribution keep(k.density);
   std::vector<double> x(g.n * g.c_in * g.h * g.w), wt(g.c_out * g.c_in_per_group() * g.kh * g.kw);
-  std::vector<double> bias(k.bias ? g.c_out : 0);
+  std::vector<double> bias(k.bias ? g.c_out : 0), ones_scale(k.ones_scale ? g.c_out : 0);
   for (double& v : x) v = static_cast<T>(value(rng));
   for (double& v : wt) v = keep(rng) ? static_cast<T>(value(rng)) : 0.0;
   for (double& v : bias) v = static_cast<T>(value(rng));
+  for (double& v : ones_scale) v = static_cast<T>(value(rng));
 
   const std::vector<T> wtt(wt.begin(), wt.end()), biast(bias.begin(), bias.end());
+  const std::vector<T> ones_scalet(ones_scale.begin(), ones_scale.end());
+  // The reference sees the weight the kernel computes with: W + ones_scale (x) 1.
+  std::vector<double> effective = wt;
+  const int64_t per_channel = g.c_in_per_group() * g.kh * g.kw;
+  for (size_t i = 0; i < effective.size(); ++i)
+    if (k.ones_scale) effective[i] += ones_scale[i / per_channel];
   // Flat index of element (n, c, pixel) of a [N, C, P] tensor in the kernel's layout.
   auto in_layout = [&](int64_t i, int64_t channels, int64_t pixels) {
     const int64_t n = i / (channels * pixels), c = i / pixels % channels, p = i % pixels;
@@ -70,8 +78,9 @@ bool check_case(const Case& k, Isa isa, bool channels_last, int threads, double 
   for (size_t i = 0; i < x.size(); ++i) xt[in_layout(i, g.c_in, g.h * g.w)] = x[i];
   std::vector<T> out(g.n * g.c_out * g.h_out * g.w_out, T(-12345));
   pxkern::sparse_conv2d::sparse_conv2d<T>(xt.data(), wtt.data(), k.bias ? biast.data() : nullptr,
-                                          out.data(), g, isa, threads);
-  const std::vector<double> ref = naive_conv2d(x, wt, bias, g);
+                                          k.ones_scale ? ones_scalet.data() : nullptr, out.data(),
+                                          g, isa, threads);
+  const std::vector<double> ref = naive_conv2d(x, effective, bias, g);
   for (size_t i = 0; i < ref.size(); ++i) {
     const double got = out[in_layout(i, g.c_out, g.h_out * g.w_out)];
     const double err = std::fabs(got - ref[i]);
@@ -79,14 +88,14 @@ bool check_case(const Case& k, Isa isa, bool channels_last, int threads, double 
       std::printf(
           "FAIL %s isa=%s%s threads=%d n=%lld c_in=%lld h=%lld w=%lld c_out=%lld k=%lldx%lld "
           "groups=%lld "
-          "stride=%lld,%lld pad=%lld,%lld dil=%lld,%lld density=%.2f bias=%d: flat index %zu "
+          "stride=%lld,%lld pad=%lld,%lld dil=%lld,%lld density=%.2f bias=%d ones_scale=%d: flat index %zu "
           "got %.9g expected %.9g (abs err %.3g)\n",
           sizeof(T) == 4 ? "float32" : "float64", isa == Isa::kAvx2 ? "avx2" : "portable",
           channels_last ? " channels-last" : "", threads,
           (long long)k.n, (long long)k.c_in, (long long)k.h, (long long)k.w, (long long)k.c_out,
           (long long)k.kh, (long long)k.kw, (long long)k.groups, (long long)k.sh,
           (long long)k.sw, (long long)k.ph, (long long)k.pw, (long long)k.dh, (long long)k.dw,
-          k.density, (int)k.bias, i, got, ref[i], err);
+          k.density, (int)k.bias, (int)k.ones_scale, i, got, ref[i], err);
       return false;
     }
   }
@@ -117,6 +126,12 @@ int main() {
       // Channels-last transposition in 8x8 blocks with ragged edges: 12 input channels,
       // 21 columns, 11 output channels.
       {2, 12, 9, 21, 11, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.5, true},
+      // ones_scale: the box filter of the channel sum under padding, stride, dilation and
+      // the in-place path (stride 1, no padding), with an all-zero weight too.
+      {3, 5, 11, 13, 7, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.3, true, true},
+      {2, 4, 17, 19, 6, 3, 3, 1, 2, 2, 2, 2, 2, 2, 0.2, false, true},
+      {2, 6, 9, 10, 4, 3, 3, 1, 1, 1, 0, 0, 1, 1, 0.0, true, true},
+      {2, 16, 32, 32, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.1, false, true},
   };
   std::vector<Isa> isas{Isa::kPortable};
   if (pxkern::sparse_conv2d::cpu_has_avx2_fma()) isas.push_back(Isa::kAvx2);
