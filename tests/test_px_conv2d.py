@@ -172,7 +172,7 @@ def test_cpu_backward_both_ways(monkeypatch, kernel, stride, padding, split, h_d
     float64 reference."""
     import pxkern.ops.px_conv2d as op
 
-    monkeypatch.setattr(op, "second_is_faster", lambda key, first, second: split)
+    monkeypatch.setattr(op, "second_is_faster", lambda key, first, second, level: split)
     inputs = layer_inputs(kernel=kernel, samples=2, h_dtype=h_dtype)
     g = random_cotangent(inputs, stride, padding)
     check_backward("cpp", inputs, g, stride=stride, padding=padding,
@@ -190,7 +190,7 @@ def test_cpu_forward_both_kernels(monkeypatch, kernel, stride, padding, sparse, 
     import pxkern.ops.sparse_conv2d as sparse_op
 
     monkeypatch.setattr(sparse_op, "MAX_SPARSE_DENSITY", 1.0)  # measure even dense weights
-    monkeypatch.setattr(sparse_op, "second_is_faster", lambda key, first, second: sparse)
+    monkeypatch.setattr(sparse_op, "second_is_faster", lambda key, first, second, level: sparse)
     inputs = layer_inputs(kernel=kernel, mask=mask, channels_last=channels_last)
     check_forward("cpp", inputs, stride=stride, padding=padding,
                   context=f"{kernel} s{stride} p{padding} sparse={sparse} mask={mask}")

@@ -250,24 +250,29 @@ def test_prefer_sparse_conv2d_measures_and_remembers(monkeypatch):
     assert prefer_sparse_conv2d(x, torch.zeros(8, 8, 3, 3), 1, 1, 1, 1), "all-zero weight"
     assert not prefer_sparse_conv2d(x, dense * 0, 1, "same", 1, 1), "string padding"
     sparse = dense * (torch.rand(dense.shape, generator=torch.Generator().manual_seed(0)) < 0.2)
-    measured = []
+    # The stated clock: oneDNN (timed first) takes 1 s, the sparse kernel 0.5 s.
+    timed = []
     monkeypatch.setattr(measured_choice, "_CHOICES", {})
-    # second_is_faster times its second argument (sparse_conv2d) first: 0 s, then 1 s.
+    monkeypatch.setattr(measured_choice, "_FIRST_SECONDS", {})
     monkeypatch.setattr(measured_choice, "_best_of_two",
-                        lambda run: measured.append(run) or float(len(measured) % 2 == 0))
+                        lambda run: timed.append(run) or (1.0 if len(timed) == 1 else 0.5))
     assert prefer_sparse_conv2d(x, sparse, 1, 1, 1, 1)
     assert prefer_sparse_conv2d(x, sparse, 1, 1, 1, 1)
-    assert len(measured) == 2, "a configuration is measured once (both kernels)"
+    assert len(timed) == 2, "a configuration is measured once (both kernels)"
     prefer_sparse_conv2d(x.contiguous(memory_format=torch.channels_last), sparse, 1, 1, 1, 1)
-    assert len(measured) == 4, "the layout is part of the configuration"
+    assert len(timed) == 4, "the layout is part of the configuration"
     # A density the caller knows (its mask's) is used instead of counting the weight.
     assert not prefer_sparse_conv2d(x, sparse, 1, 1, 1, 1, density=0.9), "above MAX_SPARSE_DENSITY"
     assert prefer_sparse_conv2d(x, dense, 1, 1, 1, 1, density=0.0), "said to be all zeros"
-    prefer_sparse_conv2d(x, dense, 1, 1, 1, 1, density=0.3)
-    assert len(measured) == 6, "density 0.3 is another configuration than 0.2"
+    assert prefer_sparse_conv2d(x, dense, 1, 1, 1, 1, density=0.1)
+    assert len(timed) == 4, "sparser than a density where the sparse kernel won: not timed"
+    assert prefer_sparse_conv2d(x, dense, 1, 1, 1, 1, density=0.3)
+    assert len(timed) == 5, "density 0.3: the sparse kernel alone is timed"
+    prefer_sparse_conv2d(x, torch.zeros(8, 8, 3, 3), 1, 1, 1, 1, ones_scale=torch.ones(8))
+    assert len(timed) == 7, "with ones_scale an all-zero weight is measured, as another configuration"
     # Float64 has no oneDNN kernel to lose against: even a dense weight is measured.
-    assert prefer_sparse_conv2d(x.double(), dense.double(), 1, 1, 1, 1)
-    assert len(measured) == 8, "a dense float64 weight is measured"
+    prefer_sparse_conv2d(x.double(), dense.double(), 1, 1, 1, 1)
+    assert len(timed) == 9, "a dense float64 weight is measured"
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -132,8 +132,9 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
     """Whether ``sparse_conv2d`` beats ``F.conv2d`` for this call, as measured.
 
     The first call of a configuration (shapes, layout, strides, dtype, threads, weight
-    density to a tenth, with or without ``ones_scale``) times both kernels on the real
-    inputs and remembers the faster (:mod:`pxkern.ops.measured_choice`): oneDNN's speed
+    density to a tenth, with or without ``ones_scale``) times the kernels on the real
+    inputs and remembers the faster (:mod:`pxkern.ops.measured_choice`, which times
+    oneDNN once per shape and infers some densities from others): oneDNN's speed
     depends on the layout (channels-last input is up to 4x faster on 16-channel layers
     here) and the sparse kernel's on density and shape, so no single crossover density
     holds. With ``ones_scale``, ``F.conv2d`` gets the weight ``weight + ones_scale`` (see
@@ -153,16 +154,18 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
         return True
     key = (
         "sparse_conv2d", tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), tuple(weight.shape),
-        str(stride), str(padding), str(dilation), groups, x.dtype, torch.get_num_threads(),
-        round(density * 10), ones_scale is not None,
+        str(stride), str(padding), str(dilation), groups, x.dtype, torch.get_num_threads(), ones_scale is not None,
     )
 
     def dense() -> Tensor:
         effective = weight if ones_scale is None else weight + ones_scale.reshape(-1, 1, 1, 1)
         return F.conv2d(x, effective, None, stride, padding, dilation, groups)
 
-    return second_is_faster(key, dense, lambda: sparse_conv2d(x, weight, None, stride, padding, dilation, groups,
-                                                              ones_scale=ones_scale))
+    def sparse() -> Tensor:
+        return sparse_conv2d(x, weight, None, stride, padding, dilation, groups, ones_scale=ones_scale)
+
+    # The density is the level: oneDNN's time does not depend on it, the sparse kernel's grows.
+    return second_is_faster(key, dense, sparse, level=round(density * 10))
 
 
 if EXTENSION_AVAILABLE:
