@@ -290,6 +290,9 @@ def test_pure_pytorch_fallback_when_disabled():
         "assert not EXTENSION_AVAILABLE\n"
         "x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)\n"
         "assert torch.equal(sparse_conv2d(x, w, None, 1, 1), F.conv2d(x, w, None, 1, 1))\n"
+        "s = torch.randn(4)\n"
+        "assert torch.equal(sparse_conv2d(x, w, None, 1, 1, ones_scale=s),\n"
+        "                   F.conv2d(x, w + s.reshape(-1, 1, 1, 1), None, 1, 1))\n"
         "assert not prefer_sparse_conv2d(x, torch.zeros(4, 3, 3, 3), 1, 1, 1, 1)\n"
     )
     result = _run_python(code, PXKERN_DISABLE_EXTENSION="1")
