@@ -136,10 +136,11 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
     inputs and remembers the faster (:mod:`pxkern.ops.measured_choice`, which infers
     some densities from others): oneDNN's speed depends on the layout (channels-last
     input is up to 4x faster on 16-channel layers here) and the sparse kernel's on
-    density and shape, so no single crossover density holds. With ``ones_scale``, ``F.conv2d`` gets the weight ``weight + ones_scale`` (see
-    :func:`sparse_conv2d`). False without the extension, off the CPU, for string
-    paddings and above ``MAX_SPARSE_DENSITY`` in float32; True for an all-zero weight
-    without ``ones_scale``. ``density``: the fraction of nonzeros of ``weight`` if the
+    density and shape, so no single crossover density holds. With ``ones_scale``,
+    ``F.conv2d`` gets the weight ``weight + ones_scale`` (see :func:`sparse_conv2d`).
+    False without the extension, off the CPU, for string paddings and above
+    ``MAX_SPARSE_DENSITY`` in float32; True for an all-zero weight without
+    ``ones_scale``. ``density``: the fraction of nonzeros of ``weight`` if the
     caller knows it (e.g. from its mask), saving a pass over the weight; otherwise
     counted.
     """
