@@ -50,6 +50,28 @@ def test_plan_matches_float64_reference(name, backend, density):
     assert_same_topk_masks(actual, expected)
 
 
+@pytest.mark.parametrize("density", [None, 0.8, 0.3])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-kernels", "aten"])
+@pytest.mark.parametrize("name", ["resnet20", "vgg16_bn", "resnet18_tv"])
+def test_cpu_plan_on_each_kernel_matches_float64_reference(monkeypatch, name, sparse, density):
+    """The CPU plan's kernel choices, each forced for every layer: all convolutions (A, B
+    and C, forward and backward) on ``sparse_conv2d`` (B's masks denser than one half as
+    their complement with ``ones_scale``), or all on ATen."""
+    import pxkern.ops.px_conv2d as conv_op
+    import pxkern.ops.sparse_conv2d as sparse_op
+
+    monkeypatch.setattr(sparse_op, "MAX_SPARSE_DENSITY", 1.0)  # measure even dense weights
+    monkeypatch.setattr(sparse_op, "second_is_faster", lambda key, first, second, level: sparse)
+    monkeypatch.setattr(conv_op, "second_is_faster", lambda key, first, second, level: sparse)
+    model, x = zoo.ZOO[name]()
+    zoo.randomize_norms(model)
+    masks = zoo.random_masks(model, density) if density else None
+    expected = reference_px_scores(model, x, masks=masks)
+    actual = _plan_scores(model, x, masks, "cpp")
+    assert_scores_close(actual, expected, rel=1e-4)
+    assert_same_topk_masks(actual, expected)
+
+
 @pytest.mark.parametrize("density", [None, 0.3, 0.02])
 @pytest.mark.parametrize("name", FUSIBLE_ON_CPU)
 def test_cpu_default_is_the_plan_and_equals_the_stream_path(name, density):
