@@ -3,6 +3,7 @@
 // triple loop on odd shapes, rectangular and square blocks of 8-64, densities 1 to 0, for
 // both ISA paths and both dtypes; and check_structure on broken metadata. Exit code 0 on success.
 #include "bsr_dense_mm.h"
+#include "../core_test.h"
 #include "random_bsr.h"
 
 #include <cmath>
@@ -154,9 +155,7 @@ int main() {
       // the batch and run part by part, bsr_dense_mm packing each part's panels.
       {32, 256, 8, 32, 8300, 1.0, true},
   };
-  std::vector<Isa> isas{Isa::kPortable};
-  if (pxkern::bsr_dense_mm::cpu_has_avx2_fma()) isas.push_back(Isa::kAvx2);
-  else std::printf("CPU lacks AVX2+FMA: only the portable path is tested\n");
+  const std::vector<Isa> isas = pxkern::core_test::tested_isas();
 
   std::mt19937 rng(0);
   int failures = 0, checks = 0;

@@ -2,6 +2,7 @@
 // on odd shapes, square and rectangular blocks of 4-64, densities 1 to 0, batches of 0 to
 // several batch chunks, for both ISA paths and both dtypes. Exit code 0 on success.
 #include "bsr_px_scores.h"
+#include "../core_test.h"
 
 #include <cmath>
 #include <cstdio>
@@ -82,9 +83,7 @@ int main() {
       {12, 20, 12, 4, 9, 1.0},     // blocks narrower than a vector
       {36, 40, 12, 20, 6, 0.7},    // partial last vector
   };
-  std::vector<Isa> isas{Isa::kPortable};
-  if (pxkern::bsr_px_scores::cpu_has_avx2_fma()) isas.push_back(Isa::kAvx2);
-  else std::printf("CPU lacks AVX2+FMA: only the portable path is tested\n");
+  const std::vector<Isa> isas = pxkern::core_test::tested_isas();
 
   std::mt19937 rng(0);
   int failures = 0, checks = 0;

@@ -3,6 +3,7 @@
 // place and not, both ISA paths and both dtypes; and that inf or NaN in either stream, in
 // an input or a residual, gives infinite peaks. Exit code 0 on success.
 #include "gate_streams.h"
+#include "../core_test.h"
 
 #include <cmath>
 #include <cstdio>
@@ -95,15 +96,12 @@ bool check_not_finite(int64_t n, int64_t at, int which, T bad, Isa isa, std::mt1
 }  // namespace
 
 int main() {
-  std::vector<Isa> isas{Isa::kPortable};
-  if (pxkern::gate_streams::cpu_has_avx2_fma()) isas.push_back(Isa::kAvx2);
-  else std::printf("CPU lacks AVX2+FMA: only the portable path is tested\n");
+  const std::vector<Isa> isas = pxkern::core_test::tested_isas();
   const int64_t chunk = pxkern::gate_streams::kChunk;
   std::mt19937 rng(0);
   int failures = 0, checks = 0;
   for (Isa isa : isas)
-    for (int64_t n : {int64_t(0), int64_t(1), int64_t(7), int64_t(8), int64_t(13), int64_t(64),
-                      chunk - 3, chunk + 5, 3 * chunk + 11})
+    for (int64_t n : pxkern::core_test::lengths_around(chunk))
       for (bool residual : {false, true})
         for (bool relu : {false, true})
           for (bool inplace : {false, true}) {

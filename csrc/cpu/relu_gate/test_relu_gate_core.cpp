@@ -3,6 +3,7 @@
 // and both dtypes; and that inf or NaN anywhere gives an infinite peak. Exit code 0 on
 // success.
 #include "relu_gate.h"
+#include "../core_test.h"
 
 #include <cmath>
 #include <cstdio>
@@ -59,15 +60,12 @@ bool check_not_finite(int64_t n, int64_t at, T bad, Isa isa) {
 }  // namespace
 
 int main() {
-  std::vector<Isa> isas{Isa::kPortable};
-  if (pxkern::relu_gate::cpu_has_avx2_fma()) isas.push_back(Isa::kAvx2);
-  else std::printf("CPU lacks AVX2+FMA: only the portable path is tested\n");
+  const std::vector<Isa> isas = pxkern::core_test::tested_isas();
   const int64_t chunk = pxkern::relu_gate::kChunk;
   std::mt19937 rng(0);
   int failures = 0, checks = 0;
   for (Isa isa : isas)
-    for (int64_t n : {int64_t(0), int64_t(1), int64_t(7), int64_t(8), int64_t(13), int64_t(64),
-                      chunk - 3, chunk + 5, 3 * chunk + 11})
+    for (int64_t n : pxkern::core_test::lengths_around(chunk))
       for (bool inplace : {false, true})
         for (double slope : {0.0, 0.1}) {
           failures += !check<float>(n, static_cast<float>(slope), inplace, isa, rng);

@@ -2,6 +2,7 @@
 // shapes, for both ISA paths, both dtypes and both layouts (channels-first and
 // channels-last x and out). Exit code 0 on success.
 #include "sparse_conv2d.h"
+#include "../core_test.h"
 
 #include <cmath>
 #include <cstdio>
@@ -133,9 +134,7 @@ int main() {
       {2, 6, 9, 10, 4, 3, 3, 1, 1, 1, 0, 0, 1, 1, 0.0, true, true},
       {2, 16, 32, 32, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0.1, false, true},
   };
-  std::vector<Isa> isas{Isa::kPortable};
-  if (pxkern::sparse_conv2d::cpu_has_avx2_fma()) isas.push_back(Isa::kAvx2);
-  else std::printf("CPU lacks AVX2+FMA: only the portable path is tested\n");
+  const std::vector<Isa> isas = pxkern::core_test::tested_isas();
 
   std::mt19937 rng(0);
   int failures = 0, checks = 0;
