@@ -57,6 +57,27 @@ def test_bench_px_scores_breakdown_accounts_for_every_round(tmp_path):
     assert out_png.stat().st_size > 0
 
 
+def test_bench_round_overhead_quick_splits_each_round(tmp_path):
+    out_json, out_png = tmp_path / "overhead.json", tmp_path / "overhead.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_round_overhead", "--quick", "--repeats", "2",
+         "--json", str(out_json), "--plot", str(out_png)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [row["round"] for row in rows] == [1, 3, 5]
+    for row in rows:
+        # Every scoring ran convolutions and gates; replayed alone they are the kernels,
+        # and the rest is the difference.
+        assert row["kernel_calls"] > 20, row
+        assert 0 < row["kernels_ms"] and 0 < row["scoring_ms"], row
+        assert row["rest_ms"] == pytest.approx(row["scoring_ms"] - row["kernels_ms"])
+    # Later rounds prune whole layers: fewer kernel calls than the first.
+    assert rows[-1]["kernel_calls"] < rows[0]["kernel_calls"]
+    assert out_png.stat().st_size > 0
+
+
 def test_bench_bsr_quick_writes_json_and_plot(tmp_path):
     out_json, out_png = tmp_path / "bsr.json", tmp_path / "bsr.png"
     result = subprocess.run(
