@@ -192,8 +192,12 @@ def test_cpu_forward_both_kernels(monkeypatch, kernel, stride, padding, sparse, 
     monkeypatch.setattr(sparse_op, "MAX_SPARSE_DENSITY", 1.0)  # measure even dense weights
     monkeypatch.setattr(sparse_op, "second_is_faster", lambda key, first, second, level: sparse)
     inputs = layer_inputs(kernel=kernel, mask=mask, channels_last=channels_last)
-    check_forward("cpp", inputs, stride=stride, padding=padding,
-                  context=f"{kernel} s{stride} p{padding} sparse={sparse} mask={mask}")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        check_forward("cpp", inputs, stride=stride, padding=padding,
+                      context=f"{kernel} s{stride} p{padding} sparse={sparse} mask={mask}")
+    # The forced kernel ran: all three streams on sparse_conv2d, or none.
+    ran = [event.name for event in profile.events()]
+    assert ran.count("pxkern::sparse_conv2d") == (3 if sparse else 0), sorted(set(ran))
 
 
 # (mask, bias, affine, relu): every value of each, most pairs.
