@@ -23,7 +23,8 @@ using AlignedBuffer = std::unique_ptr<T[], FreeAligned>;
 // Uninitialized storage for `size` elements (at least one cache line).
 template <typename T>
 AlignedBuffer<T> aligned_buffer(int64_t size) {
-  const int64_t lines = std::max<int64_t>(1, (size * static_cast<int64_t>(sizeof(T)) + kCacheLine - 1) / kCacheLine);
+  const int64_t bytes = size * static_cast<int64_t>(sizeof(T));
+  const int64_t lines = std::max<int64_t>(1, (bytes + kCacheLine - 1) / kCacheLine);
   void* p = std::aligned_alloc(kCacheLine, lines * kCacheLine);
   if (p == nullptr) throw std::bad_alloc();
   return AlignedBuffer<T>(static_cast<T*>(p));

@@ -29,10 +29,10 @@
 //      the output planes are cut into register tiles of R rows x V vectors (R V <= 12
 //      accumulators, so a tile lives in ymm registers), run band of R rows by band, the
 //      tiles of every channel of the block per band (the band's input rows stay in L1;
-//      the portable path runs plane by plane).
-//      For each tile the loop over the channel's taps does one broadcast and R V fused
-//      multiply-adds from shifted input rows; the tile is stored once. Partial last vectors use masked loads/stores, so
-//      no load leaves the sample buffer. Channels-last: the item's planes go to a
+//      the portable path and samples read in place run plane by plane). For each tile
+//      the loop over the channel's taps does one broadcast and R V fused multiply-adds
+//      from shifted input rows; the tile is stored once. Partial last vectors use masked
+//      loads/stores, so no load leaves the sample buffer. Channels-last: the item's planes go to a
 //      per-thread scratch and are transposed into out once all are done, so the tile
 //      stores stay unit-stride.
 //   With ones_scale, each thread also sums its prepared sample over channels and box
@@ -525,7 +525,8 @@ void box_of_channel_sum(const T* sample, const Geometry& g, const PackedTaps<T>&
     for (int64_t k = 0; k < channel_numel; ++k) channel_sum[k] += plane[k];
   }
   const PlaneArgs<T> box_plane{channel_sum, g.wph, box_taps.offset.data(), box_taps.value.data(),
-                               static_cast<int64_t>(box_taps.offset.size()), T(0), box, g.h_out, g.w_out};
+                               static_cast<int64_t>(box_taps.offset.size()), T(0), box, g.h_out,
+                               g.w_out};
   run_planes(&box_plane, 1, use_avx2);
 }
 
@@ -568,7 +569,7 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, const T* ones_sca
 #pragma omp parallel num_threads(threads) if (items > 1)
   {
     // Zero-initialized: the padding of every sample prepared into it (see
-    // prepare_sample_channels_last). Aligned rows load 8-27% faster than rows of the
+    // prepare_sample_channels_last). Aligned rows load 7-27% faster than rows of the
     // plane's own width on 16- and 64-channel layers (32x32, 8x8; 32 x 16x16: no change).
     const int64_t scratch_numel = g.in_place ? 0 : g.sample_numel;
     const cpu::AlignedBuffer<T> scratch = cpu::aligned_buffer<T>(scratch_numel);
@@ -603,16 +604,18 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, const T* ones_sca
         T* dst = g.channels_last ? planes.data() + (co - co_begin) * plane_stride
                                  : out + (n * g.c_out + co) * plane_out;
         channel_planes[co - co_begin] = PlaneArgs<T>{
-            src, g.wph, taps.offset.data() + t0, taps.value.data() + t0, taps.row_ptr[co + 1] - t0,
-            bias != nullptr ? bias[co] : T(0), dst, g.h_out, g.w_out,
-            ones_scale != nullptr ? box.data() : nullptr, ones_scale != nullptr ? ones_scale[co] : T(0)};
+            src, g.wph, taps.offset.data() + t0, taps.value.data() + t0,
+            taps.row_ptr[co + 1] - t0, bias != nullptr ? bias[co] : T(0), dst, g.h_out, g.w_out,
+            ones_scale != nullptr ? box.data() : nullptr,
+            ones_scale != nullptr ? ones_scale[co] : T(0)};
       }
       // Band order pays whenever the sample was prepared into the scratch. Read in place
       // (channels-first, stride 1, no padding; no ResNet-20 layer) it lost on 28x28 and
       // 32x32 planes (1.2-1.4x slower at density 0.05, interleaved) and won on 8x8 and
       // 16x16 ones: in-place calls keep the plane-by-plane order.
       if (g.in_place) {
-        for (int64_t c = 0; c < co_end - co_begin; ++c) run_planes(&channel_planes[c], 1, use_avx2);
+        for (int64_t c = 0; c < co_end - co_begin; ++c)
+          run_planes(&channel_planes[c], 1, use_avx2);
       } else {
         run_planes(channel_planes.data(), co_end - co_begin, use_avx2);
       }
