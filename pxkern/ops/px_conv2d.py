@@ -50,7 +50,7 @@ from pxkern.ops.px_layer_common import (
     without_b_peak,
 )
 from pxkern.ops.measured_choice import second_is_faster
-from pxkern.ops.sparse_conv2d import MAX_SPARSE_DENSITY, prefer_sparse_conv2d, sparse_conv2d
+from pxkern.ops.sparse_conv2d import MAX_SPARSE_DENSITY, prefer_sparse_conv2d, sparse_conv2d, with_ones_scale
 
 __all__ = ["px_conv2d_backward", "px_conv2d_forward"]
 
@@ -195,9 +195,7 @@ def _measured_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[
     ``weight + ones_scale`` (see ``sparse_conv2d``), ``density`` that of ``weight``."""
     if prefer_sparse_conv2d(x, weight, stride, padding, 1, 1, density, ones_scale):
         return sparse_conv2d(x, weight, bias, stride, padding, ones_scale=ones_scale)
-    if ones_scale is not None:
-        weight = weight + _per_output(ones_scale)
-    return F.conv2d(x, weight, bias, stride, padding)
+    return F.conv2d(x, with_ones_scale(weight, ones_scale), bias, stride, padding)
 
 
 def _mask_conv(u: Tensor, mask: Tensor | None, weight_shape: torch.Size, factor: Tensor, bias: Tensor | None,

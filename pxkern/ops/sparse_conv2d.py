@@ -16,7 +16,7 @@ from pxkern._extension import EXTENSION_AVAILABLE
 from pxkern.backend import choose_backend
 from pxkern.ops.measured_choice import second_is_faster
 
-__all__ = ["sparse_conv2d", "prefer_sparse_conv2d", "MAX_SPARSE_DENSITY"]
+__all__ = ["MAX_SPARSE_DENSITY", "prefer_sparse_conv2d", "sparse_conv2d", "with_ones_scale"]
 
 # Above this weight density sparse_conv2d never beat F.conv2d (oneDNN) in float32 in
 # benchmarks/bench_sparse_conv2d.py (ResNet-20 and VGG-16 layers, 2-core AVX2 CPU), so
@@ -118,9 +118,13 @@ def sparse_conv2d(
         return torch.ops.pxkern.sparse_conv2d(
             x, weight.contiguous(), bias, stride_hw, padding_hw, dilation_hw, groups, ones_scale
         )
-    if ones_scale is not None:
-        weight = weight + ones_scale.reshape(-1, 1, 1, 1)
-    return F.conv2d(x, weight, bias, stride_hw, padding_hw, dilation_hw, groups)
+    return F.conv2d(x, with_ones_scale(weight, ones_scale), bias, stride_hw, padding_hw, dilation_hw, groups)
+
+
+def with_ones_scale(weight: Tensor, ones_scale: Tensor | None) -> Tensor:
+    """The dense weight that ``sparse_conv2d(..., ones_scale=ones_scale)`` convolves with:
+    ``weight + ones_scale[co]`` in every weight of output channel ``co``."""
+    return weight if ones_scale is None else weight + ones_scale.reshape(-1, 1, 1, 1)
 
 
 def _backend(x: Tensor) -> str:
@@ -158,8 +162,7 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
     )
 
     def dense() -> Tensor:
-        effective = weight if ones_scale is None else weight + ones_scale.reshape(-1, 1, 1, 1)
-        return F.conv2d(x, effective, None, stride, padding, dilation, groups)
+        return F.conv2d(x, with_ones_scale(weight, ones_scale), None, stride, padding, dilation, groups)
 
     def sparse() -> Tensor:
         return sparse_conv2d(x, weight, None, stride, padding, dilation, groups, ones_scale=ones_scale)

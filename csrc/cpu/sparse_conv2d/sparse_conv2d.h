@@ -32,9 +32,9 @@
 //      the portable path and samples read in place run plane by plane). For each tile
 //      the loop over the channel's taps does one broadcast and R V fused multiply-adds
 //      from shifted input rows; the tile is stored once. Partial last vectors use masked
-//      loads/stores, so no load leaves the sample buffer. Channels-last: the item's planes go to a
-//      per-thread scratch and are transposed into out once all are done, so the tile
-//      stores stay unit-stride.
+//      loads/stores, so no load leaves the sample buffer. Channels-last: the item's
+//      planes go to a per-thread scratch and are transposed into out once all are done,
+//      so the tile stores stay unit-stride.
 //   With ones_scale, each thread also sums its prepared sample over channels and box
 //   filters that sum (the kh x kw all-ones taps, through the same tile code) into one
 //   plane; every tile then starts from bias + ones_scale[co] * box instead of the bias.
@@ -83,6 +83,8 @@ struct Geometry {
   int64_t sample_numel = 0;      // elements of one prepared sample
 
   int64_t c_in_per_group() const { return c_in / groups; }
+  // Elements of one channel of the prepared sample (its sh sw polyphase planes).
+  int64_t channel_numel() const { return sh * sw * hph * wph; }
   int64_t c_out_per_group() const { return c_out / groups; }
 };
 
@@ -105,7 +107,7 @@ inline Geometry make_geometry(int64_t n, int64_t c_in, int64_t h, int64_t w, int
   g.hph = (h + 2 * ph + sh - 1) / sh;
   g.wph = (w + 2 * pw + sw - 1) / sw;
   if (!g.in_place) g.wph = (g.wph + kRowAlignment - 1) / kRowAlignment * kRowAlignment;
-  g.sample_numel = c_in * sh * sw * g.hph * g.wph;
+  g.sample_numel = c_in * g.channel_numel();
   return g;
 }
 
@@ -283,7 +285,7 @@ void transpose(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* 
 template <typename T>
 void prepare_sample_channels_last(const T* x, const Geometry& g, const SamplePlan& plan, T* dst,
                                   bool vector) {
-  const int64_t plane = g.hph * g.wph, channel_step = g.sh * g.sw * plane;
+  const int64_t plane = g.hph * g.wph, channel_step = g.channel_numel();
   if (g.sh == 1 && g.sw == 1) {
     for (int64_t sy = 0; sy < g.h; ++sy)
       transpose(x + sy * g.w * g.c_in, g.c_in, g.w, g.c_in,
@@ -518,7 +520,7 @@ void run_planes(const PlaneArgs<T>* planes, int64_t count, bool use_avx2) {
 template <typename T>
 void box_of_channel_sum(const T* sample, const Geometry& g, const PackedTaps<T>& box_taps,
                         T* channel_sum, T* box, bool use_avx2) {
-  const int64_t channel_numel = g.sh * g.sw * g.hph * g.wph;
+  const int64_t channel_numel = g.channel_numel();
   std::copy(sample, sample + channel_numel, channel_sum);
   for (int64_t c = 1; c < g.c_in; ++c) {
     const T* plane = sample + c * channel_numel;
@@ -577,7 +579,7 @@ void sparse_conv2d(const T* x, const T* weight, const T* bias, const T* ones_sca
     const int64_t plane_stride = scratch_plane_stride<T>(plane_out);
     std::vector<T> planes(g.channels_last ? co_per_block * plane_stride : 0);
     const cpu::AlignedBuffer<T> channel_sum =
-        cpu::aligned_buffer<T>(ones_scale != nullptr ? g.sample_numel / g.c_in : 0);
+        cpu::aligned_buffer<T>(ones_scale != nullptr ? g.channel_numel() : 0);
     std::vector<T> box(ones_scale != nullptr ? plane_out : 0);
     std::vector<PlaneArgs<T>> channel_planes(co_per_block);
     int64_t prepared = -1;
