@@ -67,9 +67,13 @@ def test_cpu_plan_on_each_kernel_matches_float64_reference(monkeypatch, name, sp
     zoo.randomize_norms(model)
     masks = zoo.random_masks(model, density) if density else None
     expected = reference_px_scores(model, x, masks=masks)
-    actual = _plan_scores(model, x, masks, "cpp")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        actual = _plan_scores(model, x, masks, "cpp")
     assert_scores_close(actual, expected, rel=1e-4)
     assert_same_topk_masks(actual, expected)
+    # Both kernels pass the comparison: check that the forced one ran.
+    sparse_calls = sum(event.name == "pxkern::sparse_conv2d" for event in profile.events())
+    assert (sparse_calls > 0) == sparse, sparse_calls
 
 
 @pytest.mark.parametrize("density", [None, 0.3, 0.02])
