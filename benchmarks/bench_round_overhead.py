@@ -17,6 +17,7 @@ Usage: python -m benchmarks.bench_round_overhead [--quick] [--rounds 1 10 25 50 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -28,8 +29,7 @@ from pxkern import px_scores
 from pxkern.memory import reused_cpu_memory
 from pxkern.models import cifar_resnet
 from pxkern.px.fused import plans_reused
-from pxkern.pruning.schedule import exponential_densities
-from pxkern.pruning.threshold import global_keep_masks
+from pxkern.pruning import prune_rounds
 
 # Dispatcher names (without overload) of the calls an exact evaluation of the streams
 # cannot skip: every convolution goes through aten::convolution, whichever kernel
@@ -61,16 +61,16 @@ def _replay(calls: list[Call]) -> None:
 
 
 def masks_at_rounds(model, x, rounds: list[int], total: int, density: float) -> dict[int, dict]:
-    """The masks that round r of the prune scores with (those of rounds 1..r-1), for each r
-    in ``rounds``."""
-    masks, found = None, {}
-    for r, round_density in enumerate(exponential_densities(density, total), start=1):
-        if r in rounds:
-            found[r] = masks
-        if r == max(rounds):
-            return found
-        keep = global_keep_masks(px_scores(model, x, masks=masks), round_density)
-        masks = keep if masks is None else {name: keep[name] & masks[name] for name in keep}
+    """The masks that round r of the prune scores with (those after round r - 1; all ones
+    for round 1), for each r in ``rounds``."""
+    steps = prune_rounds(model, x, density=density, rounds=total)
+    found = {1: None} if 1 in rounds else {}
+    with contextlib.closing(steps):
+        for step in steps:
+            if step.index + 1 in rounds:
+                found[step.index + 1] = step.masks
+            if step.index + 1 >= max(rounds):
+                break
     return found
 
 

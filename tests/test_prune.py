@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from pxkern.pruning import CRITERIA, prune, score
+from pxkern.pruning import prune, prune_rounds, score
 from pxkern.pruning.masks import apply_masks, density_report
 from pxkern.pruning.schedule import exponential_densities
 from pxkern.weights import prunable_weights
@@ -109,24 +111,35 @@ def test_final_density_after_rounds(method, scope):
     assert [r[1] for r in density_report(model)] == [int(m.count_nonzero()) for m in masks.values()]
 
 
-def test_masks_are_monotone_across_rounds(monkeypatch):
-    seen = []
-    generator = torch.Generator().manual_seed(3)
-
-    def recording(model, data, masks):
-        seen.append({k: v.clone() for k, v in masks.items()})
-        return CRITERIA["random"](model, data, masks, generator=generator)
-
-    monkeypatch.setitem(CRITERIA, "recording", recording)
+def test_masks_are_monotone_across_rounds():
     model, data = make()
-    final = prune(model, data, density=0.05, rounds=6, method="recording", progress=False)
-    assert len(seen) == 6
-    densities = exponential_densities(0.05, 6)
-    total = sum(m.numel() for m in final.values())
-    for before, after, d in zip(seen, seen[1:] + [final], densities):
+    steps = list(prune_rounds(model, data, density=0.05, rounds=6, method="random",
+                              generator=torch.Generator().manual_seed(3)))
+    assert [step.index for step in steps] == list(range(1, 7))
+    total = steps[0].total
+    assert total == sum(w.param.numel() for w in prunable_weights(model))
+    ones = {name: torch.ones_like(m) for name, m in steps[0].masks.items()}
+    for before, step, d in zip([ones] + [s.masks for s in steps], steps, exponential_densities(0.05, 6)):
+        assert step.density == d
         for name in before:
-            assert not bool((after[name] & ~before[name]).any()), f"{name} revived pruned weights"
-        assert count(after) == total - int((1 - d) * total)
+            assert not bool((step.masks[name] & ~before[name]).any()), f"{name} revived pruned weights"
+        assert step.kept == count(step.masks) == total - int((1 - d) * total)
+
+
+def test_prune_is_its_rounds_then_the_masks_on_the_model():
+    """prune_rounds runs prune's rounds and leaves the model alone, also when stopped."""
+    model, data = make()
+    steps = list(prune_rounds(model, data, density=0.1, rounds=4, method="magnitude"))
+    assert not any(torch_prune.is_pruned(m) for m in model.modules())
+    final = prune(model, data, density=0.1, rounds=4, method="magnitude", progress=False)
+    assert final.keys() == steps[-1].masks.keys()
+    assert all(torch.equal(final[name], steps[-1].masks[name]) for name in final)
+
+    model, data = make()
+    with contextlib.closing(prune_rounds(model, data, density=0.1, rounds=4, method="magnitude")) as rounds:
+        first = next(rounds)
+    assert first.index == 1 and first.kept < first.total
+    assert not any(torch_prune.is_pruned(m) for m in model.modules())
 
 
 def test_result_is_a_torch_pruned_model():
@@ -198,6 +211,8 @@ def test_bad_arguments(kwargs, error, match):
     model, data = make()
     with pytest.raises(error, match=match):
         prune(model, data, progress=False, **kwargs)
+    with pytest.raises(error, match=match):  # when called, before any round runs
+        prune_rounds(model, data, **kwargs)
     assert not any(torch_prune.is_pruned(m) for m in model.modules())
 
 

@@ -264,26 +264,24 @@ CRITERIA: dict[str, Criterion] = {
 }
 
 
-def get_criterion(method: str) -> Criterion:
-    """The criterion registered as ``method``; a clear error listing the supported ones."""
-    criterion = CRITERIA.get(method) if isinstance(method, str) else None
-    if criterion is None:
-        raise ValueError(f"unknown pruning method {method!r}: supported are {sorted(CRITERIA)}")
-    return criterion
-
-
 def _keyword_options(criterion: Criterion) -> list[str]:
     parameters = inspect.signature(criterion).parameters
     return [name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
-def _check_options(method: str, criterion: Criterion, options: Mapping[str, Any]) -> None:
+def checked_criterion(method: str, options: Mapping[str, Any]) -> Criterion:
+    """The criterion registered as ``method``, after checking that it takes every option in
+    ``options``; clear errors listing the supported methods or options."""
+    criterion = CRITERIA.get(method) if isinstance(method, str) else None
+    if criterion is None:
+        raise ValueError(f"unknown pruning method {method!r}: supported are {sorted(CRITERIA)}")
     accepted = _keyword_options(criterion)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(
             f"method {method!r} does not take option(s) {unknown}; its options are {accepted or 'none'}"
         )
+    return criterion
 
 
 def score(
@@ -302,10 +300,9 @@ def score(
     it, so one call signature serves every method); ``options`` go to the criterion (``bn`` for snip,
     grasp and px, ``keep`` for px).
     """
-    criterion = get_criterion(method)
+    criterion = checked_criterion(method, options)
     if generator is not None and "generator" in _keyword_options(criterion):
         options = {**options, "generator": generator}  # deterministic criteria ignore it
-    _check_options(method, criterion, options)
     return criterion(model, data, masks, **options)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -12,7 +15,7 @@ from tqdm.auto import tqdm
 from pxkern.memory import reused_cpu_memory
 from pxkern.px.fused import plans_reused
 from pxkern.pruning.blocks import block_mean_scores, check_block
-from pxkern.pruning.criteria import get_criterion, score
+from pxkern.pruning.criteria import checked_criterion, score
 from pxkern.pruning.masks import apply_masks
 from pxkern.pruning.schedule import exponential_densities
 from pxkern.pruning.threshold import global_keep_masks, layer_keep_masks
@@ -47,6 +50,68 @@ def _reusable(data: Any) -> Any:
     return data
 
 
+@dataclass(frozen=True)
+class PruneRound:
+    """One finished round of :func:`prune_rounds`."""
+
+    index: int  # 1-based
+    density: float  # the round's target: the fraction of prunable weights to keep
+    masks: dict[str, torch.Tensor]  # bool, keyed by weight name: the masks after the round
+    kept: int  # how many weights the masks keep (ties at the threshold may keep fewer)
+    total: int  # how many prunable weights there are
+
+
+def prune_rounds(
+    model: nn.Module,
+    data: Any,
+    *,
+    density: float | None = None,
+    sparsity: float | None = None,
+    rounds: int = 100,
+    scope: str = "global",
+    method: str = "px",
+    generator: torch.Generator | None = None,
+    block: tuple[int, int] | None = None,
+    **criterion_kwargs: Any,
+) -> Iterator[PruneRound]:
+    """The rounds of :func:`prune` one at a time, without changing the model: each round
+    scores under the masks so far, keeps its top fraction, and yields a
+    :class:`PruneRound`. Stopping early (``break``) ends the schedule there; close the
+    iterator (``contextlib.closing``) to release its pooled memory at once. The arguments
+    are :func:`prune`'s, which is this loop plus a progress bar and the final masks put on
+    the model.
+    """
+    densities = exponential_densities(_target_density(density, sparsity), rounds)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {sorted(SCOPES)}, got {scope!r}")
+    checked_criterion(method, criterion_kwargs)  # fail before any work
+    if block is not None:
+        check_block(block)
+    weights = prunable_weights(model)
+    masks = {name: mask != 0 for name, mask in resolve_masks(weights, None).items()}
+    total = sum(w.param.numel() for w in weights)
+    score_under = functools.partial(score, method, model, _reusable(data), generator=generator, **criterion_kwargs)
+    # A generator function would check none of the above until iterated.
+    return _rounds(score_under, SCOPES[scope], block, densities, masks, total)
+
+
+def _rounds(score_under: Callable[[dict], dict], keep_masks: Callable, block: tuple[int, int] | None,
+            densities: list[float], masks: dict[str, torch.Tensor], total: int) -> Iterator[PruneRound]:
+    # Every round allocates the same temporaries: keep their blocks from round to round;
+    # and the model does not change between rounds: trace it for the fused plan once.
+    with reused_cpu_memory(), plans_reused():
+        for index, round_density in enumerate(densities, start=1):
+            with record_function(ROUND_LABELS["score"]):
+                scores = score_under(masks)
+            with record_function(ROUND_LABELS["select"]):
+                if block is not None:
+                    scores = block_mean_scores(scores, block)
+                keep = keep_masks(scores, round_density, keep_ties=block is not None)
+                masks = {name: keep[name] & masks[name] for name in masks}
+                kept = sum(int(m.count_nonzero()) for m in masks.values())
+            yield PruneRound(index, round_density, masks, kept, total)
+
+
 def prune(
     model: nn.Module,
     data: Any,
@@ -68,7 +133,8 @@ def prune(
     ``density ** (r / rounds)`` fraction, of all weights together (``scope="global"``) or of
     each weight tensor (``scope="layer"``), by the rule of
     :mod:`pxkern.pruning.threshold`; weights pruned earlier stay pruned. Masks the model
-    already carries are the starting point.
+    already carries are the starting point. :func:`prune_rounds` runs the same rounds one
+    at a time.
 
     With ``block=(bm, bn)`` whole blocks of each weight's ``[C_out, C_in*kh*kw]`` matrix
     are kept or pruned, ranked by their mean score (:mod:`pxkern.pruning.blocks`). The
@@ -84,32 +150,12 @@ def prune(
     (criteria take the masks explicitly, so the rounds need no model changes). Returns the
     final bool masks keyed by weight name (e.g. ``"layer1.0.conv1.weight"``).
     """
-    target = _target_density(density, sparsity)
-    densities = exponential_densities(target, rounds)
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {sorted(SCOPES)}, got {scope!r}")
-    get_criterion(method)  # fail on an unknown method before any work
-    if block is not None:
-        check_block(block)
-    keep_masks = SCOPES[scope]
-    data = _reusable(data)
-
-    weights = prunable_weights(model)
-    masks = {name: mask != 0 for name, mask in resolve_masks(weights, None).items()}
-    total = sum(w.param.numel() for w in weights)
-    bar = tqdm(densities, desc=f"pruning ({method}, {scope})", unit="round", disable=not progress)
-    # Every round allocates the same temporaries: keep their blocks from round to round;
-    # and the model does not change between rounds: trace it for the fused plan once.
-    with reused_cpu_memory(), plans_reused():
-        for round_density in bar:
-            with record_function(ROUND_LABELS["score"]):
-                scores = score(method, model, data, masks, generator=generator, **criterion_kwargs)
-            with record_function(ROUND_LABELS["select"]):
-                if block is not None:
-                    scores = block_mean_scores(scores, block)
-                keep = keep_masks(scores, round_density, keep_ties=block is not None)
-                masks = {name: keep[name] & masks[name] for name in masks}
-                kept = sum(int(m.count_nonzero()) for m in masks.values())
-            bar.set_postfix(density=f"{kept / total:.4f}")
-    apply_masks(model, masks)
-    return masks
+    steps = prune_rounds(model, data, density=density, sparsity=sparsity, rounds=rounds, scope=scope,
+                         method=method, generator=generator, block=block, **criterion_kwargs)
+    bar = tqdm(total=rounds, desc=f"pruning ({method}, {scope})", unit="round", disable=not progress)
+    with contextlib.closing(steps), bar:
+        for step in steps:
+            bar.update()
+            bar.set_postfix(density=f"{step.kept / step.total:.4f}")
+    apply_masks(model, step.masks)
+    return step.masks
