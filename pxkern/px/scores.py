@@ -249,8 +249,8 @@ def _finished(scores: dict[str, torch.Tensor], block, masks) -> dict[str, torch.
 
 
 def _divided_by_largest(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Divide every score (in place) by the largest one, so that it becomes 1."""
-    top = max(float(s.max()) for s in scores.values())
+    """Divide every score (``>= 0``, in place) by the largest one, so that it becomes 1."""
+    top = largest_magnitude(scores.values())
     return {name: s.div_(top) if top > 0 else s for name, s in scores.items()}
 
 
@@ -264,18 +264,27 @@ def _stream_buffers(model: nn.Module, weights, bn: str, dtype: torch.dtype) -> d
     return buffers
 
 
+def _check_finite(largest: float) -> None:
+    if not math.isfinite(largest):
+        raise FloatingPointError("PX gradients are not finite; please report this model")
+
+
 def _exponent(largest: float) -> int:
     """The exponent ``e`` of a largest magnitude (in ``[2**(e-1), 2**e)``): multiplying by
     ``2**-e`` brings it to 1 before a float32 cast."""
-    if not math.isfinite(largest):
-        raise FloatingPointError("PX gradients are not finite; please report this model")
+    _check_finite(largest)
     return math.frexp(largest)[1] if largest > 0 else 0
 
 
 def _float32_scores(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Float64 scores up to a global factor, as float32 with the largest equal to 1."""
-    scale = math.ldexp(1.0, -_exponent(largest_magnitude(raw.values())))
-    return _divided_by_largest({name: (s * scale).float() for name, s in raw.items()})
+    """Float64 scores (``>= 0``) up to a global factor, as float32 with the largest equal
+    to 1: divided by the largest in float64 (which makes it exactly 1), rounded once."""
+    largest = largest_magnitude(raw.values())
+    _check_finite(largest)
+    if largest == 0:
+        return {name: s.float() for name, s in raw.items()}
+    return {name: torch.div(s, largest, out=torch.empty(s.shape, dtype=torch.float32, device=s.device))
+            for name, s in raw.items()}
 
 
 def _scores_from_kernel(z2, kernel_input, v, kernel_weights, weights, masks,
