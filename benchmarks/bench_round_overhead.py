@@ -1,14 +1,24 @@
 """How much of a PX prune round is not kernels: each chosen round's scoring against its
-kernel calls replayed back to back.
+dispatcher calls replayed from C++.
 
 The 100-round PX prune of ResNet-20 (B=128, density 0.018) runs its rounds as
-``pxkern.prune`` does (plans reused, memory reused), keeping the masks each chosen round
-scores with. At each of them it times ``px_scores`` (median of ``--repeats``), records
-the kernel calls of one scoring at the dispatcher (A's, B's and C's convolutions, the
-gates, C's convolution backward: ``KERNELS``) and replays those calls back to back with
-the recorded arguments, without the Python and the small PyTorch ops around them. The
-difference is what an executor that ran the same kernels with no overhead would save: the
-budget of a compiled executor of the fused plan (``docs/prune-performance.md``).
+``pxkern.prune`` does (``prune_rounds``: plans reused, memory reused), keeping the masks
+each chosen round scores with. At each of them it times ``px_scores`` (median of
+``--repeats``), records every dispatcher call of one scoring with its arguments, and
+replays them back to back from C++ (``benchmarks/call_replay.cpp``, compiled on first use
+by ``torch.utils.cpp_extension``): all of them, and the kernels alone (A's, B's and C's
+convolutions, the gates, C's convolution backward: ``KERNELS``). The split:
+
+- kernels: the kernel calls replayed;
+- small ops: all calls replayed, less the kernels (weight preparation, reductions, casts,
+  the residual sums of C, the scores' products);
+- Python: the scoring, less all calls replayed; what an executor that issued the same
+  calls from C++ would save, the budget of a compiled executor of the fused plan
+  (``docs/prune-performance.md``).
+
+A replayed call reads the tensors recorded in the scoring (nothing flows between the
+calls), so each kernel does the same work (shapes, weights, densities), and in-place ops
+rewrite their recorded operands at every repeat.
 
 Usage: python -m benchmarks.bench_round_overhead [--quick] [--rounds 1 10 25 50 75 100]
        [--json results/round_overhead.json] [--plot results/round_overhead.png]
@@ -18,13 +28,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import statistics
 import time
-from typing import Any, Callable
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.cpp_extension import load
 
-from benchmarks.common import median_seconds, plot_bars, print_table, write_json
+from benchmarks.common import median_seconds, plot_stacked, print_table, write_json
 from pxkern import px_scores
 from pxkern.memory import reused_cpu_memory
 from pxkern.models import cifar_resnet
@@ -35,12 +48,15 @@ from pxkern.pruning import prune_rounds
 # cannot skip: every convolution goes through aten::convolution, whichever kernel
 # (oneDNN, ATen's float64 path) runs below it.
 KERNELS = frozenset({"convolution", "sparse_conv2d", "gate_streams", "convolution_backward"})
+# Calls a replay leaves out: the memory pool's switch and the profiler's ranges.
+NOT_REPLAYED = frozenset({"reuse_cpu_memory", "_record_function_enter_new", "_record_function_exit"})
 
-Call = tuple[Callable[..., Any], tuple, dict]
+# (operator name, overload name, args, kwargs, kernel?)
+Call = tuple[str, str, tuple, dict, bool]
 
 
-class _KernelCalls(TorchDispatchMode):
-    """Records the KERNELS calls made under it, with their arguments."""
+class _Calls(TorchDispatchMode):
+    """Records the calls made under it, with their arguments, for call_replay.cpp."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,16 +64,27 @@ class _KernelCalls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.__name__.split(".")[0] in KERNELS:
-            self.calls.append((func, args, kwargs))
+        name = func.__name__.split(".")[0]
+        if name not in NOT_REPLAYED:
+            overload = "" if func._overloadname == "default" else func._overloadname
+            self.calls.append((func._schema.name, overload, _boxable(func, args), kwargs, name in KERNELS))
         return func(*args, **kwargs)
 
 
-def _replay(calls: list[Call]) -> None:
-    # The calls were recorded below autograd: replayed without it they are the kernels alone.
-    with torch.no_grad():
-        for func, args, kwargs in calls:
-            func(*args, **kwargs)
+def _boxable(func, args: tuple) -> tuple:
+    """``args`` with Python numbers passed for Tensor arguments (the wrapped scalars of
+    ``tensor * 0.5``) as 0-d tensors, the form the boxed call takes."""
+    return tuple(
+        torch.tensor(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
+        and str(argument.type) == "Tensor" else value
+        for value, argument in zip(args, func._schema.arguments)
+    )
+
+
+@functools.cache
+def _call_replay():
+    return load("pxkern_call_replay", [str(Path(__file__).with_name("call_replay.cpp"))],
+                extra_cflags=["-O2"])
 
 
 def masks_at_rounds(model, x, rounds: list[int], total: int, density: float) -> dict[int, dict]:
@@ -75,22 +102,35 @@ def masks_at_rounds(model, x, rounds: list[int], total: int, density: float) -> 
 
 
 def round_row(model, x, round_index: int, masks, repeats: int) -> dict:
-    """One round's scoring time, its kernel calls replayed, and the rest."""
+    """One round's scoring time, its calls replayed from C++ (all; the kernels), and the
+    split into kernels, small ops and Python."""
     def score():
         px_scores(model, x, masks=masks)
 
     scoring = median_seconds(score, warmup=2, repeats=repeats)
-    with _KernelCalls() as recorder:
+    with _Calls() as recorder:
         score()
-    kernels = median_seconds(lambda: _replay(recorder.calls), warmup=1, repeats=repeats)
-    rest = scoring - kernels
-    return {"round": round_index, "kernel_calls": len(recorder.calls), "scoring_ms": scoring * 1e3,
-            "kernels_ms": kernels * 1e3, "rest_ms": rest * 1e3, "rest_share": rest / scoring}
+    replay = _call_replay()
+    every_call = replay.prepare([call[:4] for call in recorder.calls])
+    kernel_calls = replay.prepare([call[:4] for call in recorder.calls if call[4]])
+    replayed = {}
+    # The calls were recorded below autograd: replayed without it, as they ran.
+    with torch.no_grad():
+        for name, calls in (("all", every_call), ("kernels", kernel_calls)):
+            replay.run(calls)  # warm-up
+            replayed[name] = statistics.median(replay.run(calls) for _ in range(repeats))
+    return {
+        "round": round_index, "calls": len(recorder.calls), "kernel_calls": sum(call[4] for call in recorder.calls),
+        "scoring_ms": scoring * 1e3, "all_calls_ms": replayed["all"] * 1e3, "kernels_ms": replayed["kernels"] * 1e3,
+        "small_ops_ms": (replayed["all"] - replayed["kernels"]) * 1e3, "python_ms": (scoring - replayed["all"]) * 1e3,
+        "python_share": (scoring - replayed["all"]) / scoring,
+    }
 
 
-COLUMNS = (("round", "round", "d"), ("kernel_calls", "kernel calls", "d"), ("scoring_ms", "scoring ms", ".1f"),
-           ("kernels_ms", "kernels replayed ms", ".1f"), ("rest_ms", "rest ms", ".1f"),
-           ("rest_share", "rest share", ".2f"))
+COLUMNS = (("round", "round", "d"), ("calls", "calls", "d"), ("kernel_calls", "kernel calls", "d"),
+           ("scoring_ms", "scoring ms", ".1f"), ("all_calls_ms", "all calls from C++ ms", ".1f"),
+           ("kernels_ms", "kernels from C++ ms", ".1f"), ("small_ops_ms", "small ops ms", ".1f"),
+           ("python_ms", "Python ms", ".1f"), ("python_share", "Python share", ".2f"))
 
 
 def main() -> None:
@@ -100,7 +140,7 @@ def main() -> None:
                         help="the prune rounds to measure (1-based)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="write the rows to this JSON file")
-    parser.add_argument("--plot", help="save a bar chart of kernels and rest per round to this PNG file")
+    parser.add_argument("--plot", help="save the split per round as stacked areas to this PNG file")
     args = parser.parse_args()
     total, batch, rounds = (5, 32, [1, 3, 5]) if args.quick else (100, 128, sorted(set(args.rounds)))
     if min(rounds) < 1 or max(rounds) > total:
@@ -115,14 +155,15 @@ def main() -> None:
         for r in rounds:
             rows.append(round_row(model, x, r, masks[r], args.repeats))
             print_table(rows[-1:], COLUMNS)
-    print(f"\nResNet-20, B={batch}: a scoring against its kernel calls replayed back to back")
+    print(f"\nResNet-20, B={batch}: a scoring against its calls replayed back to back from C++")
     print_table(rows, COLUMNS)
     write_json(args.json, "round_overhead", {"quick": args.quick, "batch": batch, "prune_rounds": total,
                                             "repeats": args.repeats}, rows)
-    plot_bars(args.plot, f"PX scoring of ResNet-20 (B={batch}) at rounds of its prune",
-              [f"round {r['round']}" for r in rows],
-              {"kernels replayed": [r["kernels_ms"] for r in rows], "the rest": [r["rest_ms"] for r in rows]},
-              "ms per scoring")
+    plot_stacked(args.plot, f"PX scoring of ResNet-20 (B={batch}) at rounds of its prune",
+                 [r["round"] for r in rows],
+                 {"kernels": [r["kernels_ms"] for r in rows], "small ops": [r["small_ops_ms"] for r in rows],
+                  "Python": [r["python_ms"] for r in rows]},
+                 "prune round", "ms per scoring")
 
 
 if __name__ == "__main__":

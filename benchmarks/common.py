@@ -135,7 +135,6 @@ def plot_bars(path: str | None, title: str, labels: Sequence[str], series: dict[
     ax.margins(y=0.25)  # room above the tallest bar for its label and the legend
     ax.legend(loc="upper left", ncols=len(series))
     save_figure(plt, fig, path)
-    print(f"wrote {path}")
 
 
 def plot_stacked(path: str | None, title: str, x: Sequence[float], series: dict[str, Sequence[float]],
