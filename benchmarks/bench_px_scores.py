@@ -55,7 +55,7 @@ from pxkern.models import cifar_resnet, cifar_vgg, resnet18
 from pxkern.pruning import prune
 from pxkern.pruning.prune import ROUND_LABELS
 from pxkern.pruning.schedule import exponential_densities
-from pxkern.pruning.threshold import global_keep_masks
+from pxkern.pruning.threshold import global_threshold
 from pxkern.px.fused import PLAN_LABELS
 from pxkern.px.scores import STAGE_LABELS
 from pxkern.testing import reference_px_scores
@@ -106,12 +106,15 @@ def score_row(case: Case, repeats: int, quick: bool) -> dict:
 
 
 def authors_prune(model: nn.Module, x: torch.Tensor, density: float, rounds: int) -> dict:
-    """The official loop: score with the current masks, keep the global top fraction.
-    Its float32 scores hold inf/NaN; nan_to_num lets the loop run its full course."""
+    """The official loop: score with the current masks, keep the global top fraction, as
+    the official code selects it (kthvalue over all scores, then a comparison per tensor;
+    not pxkern's keep_top kernel). Its float32 scores hold inf/NaN; nan_to_num lets the
+    loop run its full course."""
     masks = None
     for round_density in exponential_densities(density, rounds):
         scores = {k: torch.nan_to_num(v) for k, v in authors_px_scores(model, x, masks).items()}
-        keep = global_keep_masks(scores, round_density)
+        threshold = global_threshold(scores, round_density)
+        keep = {k: v > threshold for k, v in scores.items()}
         masks = keep if masks is None else {k: keep[k] & masks[k] for k in keep}
     return masks
 

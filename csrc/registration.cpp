@@ -23,6 +23,9 @@ TORCH_LIBRARY(pxkern, m) {
       "Tensor x, Tensor? bias, bool square_weight=False, Tensor? transposed_blocks=None) "
       "-> Tensor");
   m.def("reuse_cpu_memory(bool enable) -> ()");
+  m.def(
+      "keep_top(Tensor[] scores, Tensor[] masks, float density, bool per_tensor, bool keep_ties) "
+      "-> (Tensor[], int, int)");
   m.def("relu_gate(Tensor x, float negative_slope, Tensor(a!) y) -> (Tensor, Tensor)");
   m.def(
       "gate_streams(Tensor a, Tensor b, Tensor? a_residual, Tensor? b_residual, "

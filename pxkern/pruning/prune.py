@@ -18,10 +18,8 @@ from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.pruning.criteria import checked_criterion, score
 from pxkern.pruning.masks import apply_masks
 from pxkern.pruning.schedule import exponential_densities
-from pxkern.pruning.threshold import global_keep_masks, layer_keep_masks
+from pxkern.pruning.threshold import SCOPES, kept_masks
 from pxkern.weights import prunable_weights, resolve_masks
-
-SCOPES = {"global": global_keep_masks, "layer": layer_keep_masks}
 
 # Profiler ranges of a round (``torch.profiler``): scoring, then selecting and combining
 # the masks.
@@ -83,7 +81,7 @@ def prune_rounds(
     """
     densities = exponential_densities(_target_density(density, sparsity), rounds)
     if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {sorted(SCOPES)}, got {scope!r}")
+        raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
     checked_criterion(method, criterion_kwargs)  # fail before any work
     if block is not None:
         check_block(block)
@@ -92,10 +90,10 @@ def prune_rounds(
     total = sum(w.param.numel() for w in weights)
     score_under = functools.partial(score, method, model, _reusable(data), generator=generator, **criterion_kwargs)
     # A generator function would check none of the above until iterated.
-    return _rounds(score_under, SCOPES[scope], block, densities, masks, total)
+    return _rounds(score_under, scope, block, densities, masks, total)
 
 
-def _rounds(score_under: Callable[[dict], dict], keep_masks: Callable, block: tuple[int, int] | None,
+def _rounds(score_under: Callable[[dict], dict], scope: str, block: tuple[int, int] | None,
             densities: list[float], masks: dict[str, torch.Tensor], total: int) -> Iterator[PruneRound]:
     # Every round allocates the same temporaries: keep their blocks from round to round;
     # and the model does not change between rounds: trace it for the fused plan once.
@@ -106,9 +104,8 @@ def _rounds(score_under: Callable[[dict], dict], keep_masks: Callable, block: tu
             with record_function(ROUND_LABELS["select"]):
                 if block is not None:
                     scores = block_mean_scores(scores, block)
-                keep = keep_masks(scores, round_density, keep_ties=block is not None)
-                masks = {name: keep[name] & masks[name] for name in masks}
-                kept = sum(int(m.count_nonzero()) for m in masks.values())
+                masks, kept = kept_masks(scores, round_density, scope=scope, keep_ties=block is not None,
+                                         masks=masks)
             yield PruneRound(index, round_density, masks, kept, total)
 
 
