@@ -152,7 +152,8 @@ def prune(
     bar = tqdm(total=rounds, desc=f"pruning ({method}, {scope})", unit="round", disable=not progress)
     with contextlib.closing(steps), bar:
         for step in steps:
+            # The postfix first: update() redraws the bar, which then shows this round's density.
+            bar.set_postfix(density=f"{step.kept / step.total:.4f}", refresh=False)
             bar.update()
-            bar.set_postfix(density=f"{step.kept / step.total:.4f}")
     apply_masks(model, step.masks)
     return step.masks
