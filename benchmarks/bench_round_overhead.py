@@ -18,7 +18,9 @@ convolutions, the gates, C's convolution backward: ``KERNELS``). The split:
 
 A replayed call reads the tensors recorded in the scoring (nothing flows between the
 calls), so each kernel does the same work (shapes, weights, densities), and in-place ops
-rewrite their recorded operands at every repeat.
+rewrite their recorded operands at every repeat. Its inputs were not just written by the
+call before it, as in a live scoring, so they are less often in cache: if anything the
+replay overstates the calls and understates the Python.
 
 Usage: python -m benchmarks.bench_round_overhead [--quick] [--rounds 1 10 25 50 75 100]
        [--json results/round_overhead.json] [--plot results/round_overhead.png]
