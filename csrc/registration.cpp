@@ -25,7 +25,7 @@ TORCH_LIBRARY(pxkern, m) {
   m.def("reuse_cpu_memory(bool enable) -> ()");
   m.def(
       "keep_top(Tensor[] scores, Tensor[] masks, float density, bool per_tensor, bool keep_ties) "
-      "-> (Tensor[], int, int)");
+      "-> (Tensor[], Tensor)");
   m.def("relu_gate(Tensor x, float negative_slope, Tensor(a!) y) -> (Tensor, Tensor)");
   m.def(
       "gate_streams(Tensor a, Tensor b, Tensor? a_residual, Tensor? b_residual, "

@@ -109,3 +109,11 @@ def test_backends_agree_on_a_pruning_round():
 def test_bad_masks():
     with pytest.raises(ValueError, match="one per score tensor, shaped like it"):
         keep_top([torch.rand(3)], 0.5, masks=[torch.ones(4, dtype=torch.bool)])
+
+
+@pytest.mark.skipif(not EXTENSION_AVAILABLE, reason="no extension")
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_opcheck(with_masks):
+    scores = [torch.rand(4, 3), torch.rand(7)]
+    masks = [torch.rand(s.shape) < 0.5 for s in scores] if with_masks else []
+    torch.library.opcheck(torch.ops.pxkern.keep_top.default, (scores, masks, 0.4, False, True))

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from pxkern._extension import EXTENSION_AVAILABLE
 from pxkern.backend import choose_backend
 
 __all__ = ["keep_top", "threshold_of"]
@@ -73,8 +74,9 @@ def keep_top(scores: Sequence[Tensor], density: float, *, per_tensor: bool = Fal
     if masks is not None and (len(masks) != len(scores) or any(m.shape != s.shape for m, s in zip(masks, scores))):
         raise ValueError("keep_top: masks must be one per score tensor, shaped like it")
     if _runs_on_cpp(scores, masks):
-        kept, count, nan_index = torch.ops.pxkern.keep_top(list(scores), [] if masks is None else list(masks),
-                                                            density, per_tensor, keep_ties)
+        kept, counts = torch.ops.pxkern.keep_top(list(scores), [] if masks is None else list(masks), density,
+                                                 per_tensor, keep_ties)
+        count, nan_index = counts.tolist()
         return kept, count, nan_index
     for index, score in enumerate(scores):
         if bool(torch.isnan(score).any()):
@@ -87,3 +89,12 @@ def keep_top(scores: Sequence[Tensor], density: float, *, per_tensor: bool = Fal
     if masks is not None:
         kept = [k & m for k, m in zip(kept, masks)]
     return kept, sum(int(k.count_nonzero()) for k in kept), -1
+
+
+if EXTENSION_AVAILABLE:
+
+    @torch.library.register_fake("pxkern::keep_top")
+    def _keep_top_fake(scores: list[Tensor], masks: list[Tensor], density: float, per_tensor: bool,
+                       keep_ties: bool) -> tuple[list[Tensor], Tensor]:
+        # Without a NaN (the only case a trace can take), one mask per score tensor.
+        return [s.new_empty(s.shape, dtype=torch.bool) for s in scores], scores[0].new_empty(2, dtype=torch.int64)

@@ -12,7 +12,16 @@ namespace pxkern {
 
 namespace {
 
-using Result = std::tuple<std::vector<at::Tensor>, int64_t, int64_t>;
+using Result = std::tuple<std::vector<at::Tensor>, at::Tensor>;
+
+// [count, nan_index] as an int64 tensor: ints that depend on the values are tensors, so
+// that the op's fake (pxkern/ops/keep_top.py) can describe them.
+at::Tensor counts(int64_t kept, int64_t nan_index) {
+  at::Tensor out = at::empty({2}, at::kLong);
+  out[0] = kept;
+  out[1] = nan_index;
+  return out;
+}
 
 template <typename T>
 Result run(const std::vector<at::Tensor>& scores, const std::vector<at::Tensor>& masks,
@@ -22,7 +31,7 @@ Result run(const std::vector<at::Tensor>& scores, const std::vector<at::Tensor>&
     parts.push_back({scores[i].const_data_ptr<T>(), masks.empty() ? nullptr : masks[i].const_data_ptr<bool>(),
                      scores[i].numel()});
   const int64_t nan_part = keep_top::first_nan(parts);
-  if (nan_part >= 0) return {{}, 0, nan_part};
+  if (nan_part >= 0) return {std::vector<at::Tensor>{}, counts(0, nan_part)};
   std::vector<at::Tensor> kept;
   std::vector<bool*> outputs;
   for (const at::Tensor& s : scores) {
@@ -38,13 +47,13 @@ Result run(const std::vector<at::Tensor>& scores, const std::vector<at::Tensor>&
   } else {
     total = keep_top::keep_above(parts, keep_top::threshold_for(parts, density), keep_ties, outputs);
   }
-  return {kept, total, -1};
+  return {kept, counts(total, -1)};
 }
 
 }  // namespace
 
-// Returns (kept masks, how many kept, -1), or ([], 0, i) if scores[i] holds a NaN (the
-// caller names it). Scores are made contiguous; masks, if given, are bool and shaped like
+// Returns (kept masks, [how many kept, -1]), or ([], [0, i]) if scores[i] holds a NaN
+// (the caller names it). Scores are made contiguous; masks, if given, are bool and shaped like
 // the scores.
 Result keep_top_cpu(at::TensorList scores_in, at::TensorList masks_in, double density, bool per_tensor,
                     bool keep_ties) {
