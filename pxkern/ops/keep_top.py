@@ -20,7 +20,7 @@ from torch import Tensor
 from pxkern._extension import EXTENSION_AVAILABLE
 from pxkern.backend import choose_backend
 
-__all__ = ["keep_top", "threshold_of"]
+__all__ = ["first_nan_index", "keep_top", "threshold_of"]
 
 _CPP_DTYPES = (torch.float32, torch.float64)
 
@@ -45,6 +45,11 @@ def threshold_of(flat: Tensor, density: float) -> float:
     if k <= rest:
         return flat[~positive].kthvalue(k).values.item()
     return flat[positive].kthvalue(k - rest).values.item()
+
+
+def first_nan_index(scores: Sequence[Tensor]) -> int:
+    """Index of the first tensor of ``scores`` holding a NaN, or -1; PyTorch ops."""
+    return next((index for index, score in enumerate(scores) if bool(torch.isnan(score).any())), -1)
 
 
 def _above(score: Tensor, threshold: float, keep_ties: bool) -> Tensor:
@@ -78,9 +83,9 @@ def keep_top(scores: Sequence[Tensor], density: float, *, per_tensor: bool = Fal
                                                  per_tensor, keep_ties)
         count, nan_index = counts.tolist()
         return kept, count, nan_index
-    for index, score in enumerate(scores):
-        if bool(torch.isnan(score).any()):
-            return [], 0, index
+    nan_index = first_nan_index(scores)
+    if nan_index >= 0:
+        return [], 0, nan_index
     if per_tensor:
         kept = [_above(s, threshold_of(s.reshape(-1), density), keep_ties) for s in scores]
     else:

@@ -18,7 +18,7 @@ from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.pruning.criteria import checked_criterion, score
 from pxkern.pruning.masks import apply_masks
 from pxkern.pruning.schedule import exponential_densities
-from pxkern.pruning.threshold import SCOPES, kept_masks
+from pxkern.pruning.threshold import check_scope, kept_masks
 from pxkern.weights import prunable_weights, resolve_masks
 
 # Profiler ranges of a round (``torch.profiler``): scoring, then selecting and combining
@@ -80,8 +80,7 @@ def prune_rounds(
     the model.
     """
     densities = exponential_densities(_target_density(density, sparsity), rounds)
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+    check_scope(scope)
     checked_criterion(method, criterion_kwargs)  # fail before any work
     if block is not None:
         check_block(block)

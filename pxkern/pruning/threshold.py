@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from pxkern.ops.keep_top import keep_top, threshold_of
+from pxkern.ops.keep_top import first_nan_index, keep_top, threshold_of
 
 
 def _check_density(density: float) -> float:
@@ -51,13 +51,18 @@ def global_threshold(scores: Mapping[str, torch.Tensor], density: float) -> floa
     floating tensors): keep ``score > global_threshold(scores, density)``."""
     density = _check_density(density)
     _check_scores(scores)
-    for name, score in scores.items():
-        if bool(torch.isnan(score).any()):
-            raise _nan_error(name)
+    nan_index = first_nan_index(list(scores.values()))
+    if nan_index >= 0:
+        raise _nan_error(list(scores)[nan_index])
     return threshold_of(torch.cat([s.detach().reshape(-1) for s in scores.values()]), density)
 
 
 SCOPES = ("global", "layer")
+
+
+def check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
 
 
 def kept_masks(scores: Mapping[str, torch.Tensor], density: float, *, scope: str = "global",
@@ -69,8 +74,7 @@ def kept_masks(scores: Mapping[str, torch.Tensor], density: float, *, scope: str
     entries the result keeps. One call of :func:`pxkern.ops.keep_top.keep_top`."""
     density = _check_density(density)
     _check_scores(scores)
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+    check_scope(scope)
     names = list(scores)
     kept, count, nan_index = keep_top(
         [scores[name].detach() for name in names], density, per_tensor=scope == "layer", keep_ties=keep_ties,
