@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-__all__ = ["second_is_faster"]
+__all__ = ["known_choice", "second_is_faster"]
 
 # key -> {level: whether the second was faster}
 _CHOICES: dict[Hashable, dict[int, bool]] = {}
@@ -42,6 +42,15 @@ def second_is_faster(key: Hashable, first: Callable[[], object], second: Callabl
             choice = _best_of_two(second) < _best_of_two(first)
         choices[level] = choice
     return choices[level]
+
+
+def known_choice(key: Hashable, level: int = 0) -> bool | None:
+    """What :func:`second_is_faster` answers at ``level`` of ``key`` without timing (its
+    measurement there, or what the measured levels imply), or None if it would time. The
+    compiled program of the fused plan (``pxkern.px.program``) looks its kernels up here
+    and leaves a round it would have to time to the Python plan, which times it."""
+    choices = _CHOICES.get(key, {})
+    return choices[level] if level in choices else _implied(choices, level)
 
 
 def _implied(choices: dict[int, bool], level: int) -> bool | None:

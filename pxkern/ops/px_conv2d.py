@@ -49,10 +49,16 @@ from pxkern.ops.px_layer_common import (
     check_forward_arguments,
     without_b_peak,
 )
-from pxkern.ops.measured_choice import second_is_faster
-from pxkern.ops.sparse_conv2d import MAX_SPARSE_DENSITY, prefer_sparse_conv2d, sparse_conv2d, with_ones_scale
+from pxkern.ops.measured_choice import known_choice, second_is_faster
+from pxkern.ops.sparse_conv2d import (
+    MAX_SPARSE_DENSITY,
+    known_sparse_choice,
+    prefer_sparse_conv2d,
+    sparse_conv2d,
+    with_ones_scale,
+)
 
-__all__ = ["px_conv2d_backward", "px_conv2d_forward"]
+__all__ = ["known_backward_choices", "known_forward_choices", "px_conv2d_backward", "px_conv2d_forward"]
 
 _OP = "px_conv2d"
 
@@ -430,16 +436,15 @@ def _backward_cpp(
         return g_in, grad_path
 
     # conv_transpose with stride 1 is the convolution padded by k - 1 - p.
-    full_padding = [k - 1 - p for k, p in zip(weight.shape[2:], padding)]
+    full_padding = _full_padding(weight.shape, padding)
     if list(stride) == [1, 1] and min(full_padding) >= 0:
         def split() -> tuple[Tensor, Tensor]:
             flipped = kernel_weight.transpose(0, 1).flip(2, 3)
             return _measured_conv(g_pre, flipped, None, [1, 1], full_padding, density), gradients(False)[1]
 
-        key = ("px_conv2d_backward", tuple(g_pre.shape), g_pre.is_contiguous(), tuple(h_acc.shape),
-               h_acc.is_contiguous(), tuple(weight.shape), tuple(padding), dtype, torch.get_num_threads())
         # ATen's time does not depend on the density; the split's convolution skips zeros.
-        split_faster = second_is_faster(key, lambda: gradients(True), split, level=round(density * 10))
+        split_faster = second_is_faster(_split_key(g_pre, h_acc, weight.shape, padding), lambda: gradients(True),
+                                        split, level=round(density * 10))
         g_in, grad_path = split() if split_faster else gradients(True)
     else:
         g_in, grad_path = gradients(True)
@@ -447,6 +452,50 @@ def _backward_cpp(
     if mask is not None:
         scores.mul_(mask)
     return g_in.to(h.dtype), scores
+
+
+def _full_padding(weight_shape: Sequence[int], padding: Sequence[int]) -> list[int]:
+    """The padding of the convolution that equals conv_transpose with stride 1."""
+    return [k - 1 - p for k, p in zip(weight_shape[2:], padding)]
+
+
+def _split_key(g_pre: Tensor, h: Tensor, weight_shape: Sequence[int], padding: Sequence[int]) -> tuple:
+    """The configuration :func:`_backward_cpp` measures the split in (meta tensors will do)."""
+    return ("px_conv2d_backward", tuple(g_pre.shape), g_pre.is_contiguous(), tuple(h.shape), h.is_contiguous(),
+            tuple(weight_shape), tuple(padding), h.dtype, torch.get_num_threads())
+
+
+def known_forward_choices(x: Tensor, h: Tensor, weight_shape: Sequence[int], stride: list[int],
+                          padding: list[int], density: float) -> tuple[bool, bool, bool, bool] | None:
+    """The kernels :func:`_forward_cpp` would run for inputs like ``x`` (A's, B's) and
+    ``h`` (C's, float64) and a mask of ``density`` (0 < density <= 1), if measured: A
+    sparse, B as the mask's complement, B sparse, C sparse; None where it would time."""
+    complement = density > 1 - MAX_SPARSE_DENSITY
+    a_sparse = known_sparse_choice(x, weight_shape, stride, padding, density)
+    if complement:
+        b_sparse = known_sparse_choice(x, weight_shape, stride, padding, 1 - density, with_ones_scale=True)
+    else:
+        b_sparse = a_sparse
+    c_sparse = known_sparse_choice(h, weight_shape, stride, padding, density)
+    choices = (a_sparse, complement, b_sparse, c_sparse)
+    return None if None in choices else choices
+
+
+def known_backward_choices(g: Tensor, h: Tensor, weight_shape: Sequence[int], stride: list[int],
+                           padding: list[int], density: float) -> tuple[bool, bool] | None:
+    """The kernels :func:`_backward_cpp` would run for a cotangent like ``g`` and input
+    like ``h`` (float64) and a mask of ``density`` (> 0), if measured: whether it splits
+    the input gradient off, and whether that convolution runs sparse; None where it would
+    time."""
+    full_padding = _full_padding(weight_shape, padding)
+    if list(stride) != [1, 1] or min(full_padding) < 0:
+        return False, False
+    split = known_choice(_split_key(g, h, weight_shape, padding), round(density * 10))
+    if not split:
+        return None if split is None else (False, False)
+    flipped_shape = (weight_shape[1], weight_shape[0], *weight_shape[2:])
+    sparse = known_sparse_choice(g, flipped_shape, [1, 1], full_padding, density)
+    return None if sparse is None else (True, sparse)
 
 
 def _backward_torch(

@@ -14,9 +14,10 @@ from torch import Tensor
 
 from pxkern._extension import EXTENSION_AVAILABLE
 from pxkern.backend import choose_backend
-from pxkern.ops.measured_choice import second_is_faster
+from pxkern.ops.measured_choice import known_choice, second_is_faster
 
-__all__ = ["MAX_SPARSE_DENSITY", "prefer_sparse_conv2d", "sparse_conv2d", "with_ones_scale"]
+__all__ = ["MAX_SPARSE_DENSITY", "known_sparse_choice", "prefer_sparse_conv2d", "sparse_choice_key", "sparse_conv2d",
+           "with_ones_scale"]
 
 # Above this weight density sparse_conv2d never beat F.conv2d (oneDNN) in float32 in
 # benchmarks/bench_sparse_conv2d.py (ResNet-20 and VGG-16 layers, 2-core AVX2 CPU), so
@@ -152,14 +153,10 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
         return False
     if density is None:
         density = torch.count_nonzero(weight).item() / weight.numel()
-    if density > MAX_SPARSE_DENSITY and x.dtype != torch.float64:
-        return False
-    if density == 0 and ones_scale is None:
-        return True
-    key = (
-        "sparse_conv2d", tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), tuple(weight.shape),
-        str(stride), str(padding), str(dilation), groups, x.dtype, torch.get_num_threads(), ones_scale is not None,
-    )
+    fixed = _fixed_choice(x, density, ones_scale is not None)
+    if fixed is not None:
+        return fixed
+    key = sparse_choice_key(x, weight.shape, stride, padding, dilation, groups, ones_scale is not None)
 
     def dense() -> Tensor:
         return F.conv2d(x, with_ones_scale(weight, ones_scale), None, stride, padding, dilation, groups)
@@ -167,8 +164,42 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
     def sparse() -> Tensor:
         return sparse_conv2d(x, weight, None, stride, padding, dilation, groups, ones_scale=ones_scale)
 
+    return second_is_faster(key, dense, sparse, level=_level(density))
+
+
+def _fixed_choice(x: Tensor, density: float, with_ones_scale: bool) -> bool | None:
+    """The choice of :func:`prefer_sparse_conv2d` that needs no measurement, or None."""
+    if density > MAX_SPARSE_DENSITY and x.dtype != torch.float64:
+        return False
+    if density == 0 and not with_ones_scale:
+        return True
+    return None
+
+
+def _level(density: float) -> int:
     # The density is the level: oneDNN's time does not depend on it, the sparse kernel's grows.
-    return second_is_faster(key, dense, sparse, level=round(density * 10))
+    return round(density * 10)
+
+
+def sparse_choice_key(x: Tensor, weight_shape: Sequence[int], stride, padding, dilation, groups: int,
+                      with_ones_scale: bool) -> tuple:
+    """The configuration :func:`prefer_sparse_conv2d` measures for ``x`` (a meta tensor
+    will do) and a weight of ``weight_shape``: everything the timing depends on but the
+    density."""
+    return (
+        "sparse_conv2d", tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), tuple(weight_shape),
+        str(stride), str(padding), str(dilation), groups, x.dtype, torch.get_num_threads(), with_ones_scale,
+    )
+
+
+def known_sparse_choice(x: Tensor, weight_shape: Sequence[int], stride, padding, density: float,
+                        with_ones_scale: bool = False) -> bool | None:
+    """:func:`prefer_sparse_conv2d`'s answer for a CPU call of this configuration (dilation
+    and groups 1) at ``density`` if it needs no timing, else None."""
+    fixed = _fixed_choice(x, density, with_ones_scale)
+    if fixed is not None:
+        return fixed
+    return known_choice(sparse_choice_key(x, weight_shape, stride, padding, 1, 1, with_ones_scale), _level(density))
 
 
 if EXTENSION_AVAILABLE:
