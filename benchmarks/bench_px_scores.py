@@ -149,6 +149,7 @@ def prune_row(rounds: int, quick: bool) -> dict:
 # CPU prune runs, or the stream path for models the plan does not run), the rest of
 # px_scores (setup) and the mask selection.
 PATH_STAGES = (
+    ("program", "plan program", PLAN_LABELS["program"]),
     ("forward", "plan forward", PLAN_LABELS["forward"]), ("backward", "plan backward", PLAN_LABELS["backward"]),
     ("A", "stream A", STAGE_LABELS["A"]), ("B", "stream B", STAGE_LABELS["B"]), ("C", "stream C", STAGE_LABELS["C"]),
 )

@@ -1,20 +1,23 @@
-"""How much of a PX prune round is not kernels: each chosen round's scoring against its
-dispatcher calls replayed from C++.
+"""How much of a PX prune round is not kernels: each chosen round's scoring on the Python
+plan against its dispatcher calls replayed from C++, and on the plan's compiled program.
 
 The 100-round PX prune of ResNet-20 (B=128, density 0.018) runs its rounds as
 ``pxkern.prune`` does (``prune_rounds``: plans reused, memory reused), keeping the masks
-each chosen round scores with. At each of them it times ``px_scores`` (median of
-``--repeats``), records every dispatcher call of one scoring with its arguments, and
-replays them back to back from C++ (``benchmarks/call_replay.cpp``, compiled on first use
-by ``torch.utils.cpp_extension``): all of them, and the kernels alone (A's, B's and C's
+each chosen round scores with. At each of them it times the raw scores of the fused plan
+on the Python plan (``FusedPlan.raw_scores``) and on its program (``pxkern::plan_scores``,
+one C++ call; ``pxkern.px.program``), interleaved, median of ``--repeats``; records every
+dispatcher call of one Python-plan scoring with its arguments, and replays them back to
+back from C++ (``benchmarks/call_replay.cpp``, compiled on first use by
+``torch.utils.cpp_extension``): all of them, and the kernels alone (A's, B's and C's
 convolutions, the gates, C's convolution backward: ``KERNELS``). The split:
 
 - kernels: the kernel calls replayed;
 - small ops: all calls replayed, less the kernels (weight preparation, reductions, casts,
   the residual sums of C, the scores' products);
-- Python: the scoring, less all calls replayed; what an executor that issued the same
-  calls from C++ would save, the budget of a compiled executor of the fused plan
-  (``docs/prune-performance.md``).
+- Python: the Python plan's scoring, less all calls replayed;
+- program - all calls: what the program spends beyond the same calls replayed (its
+  Python around the one call, and the calls' dispatch from C++); the Python it removed
+  is the difference to the Python column.
 
 A replayed call reads the tensors recorded in the scoring (nothing flows between the
 calls), so each kernel does the same work (shapes, weights, densities), and in-place ops
@@ -39,12 +42,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.cpp_extension import load
 
-from benchmarks.common import median_seconds, plot_stacked, print_table, write_json
-from pxkern import px_scores
+from benchmarks.common import interleaved_medians, plot_stacked, print_table, write_json
 from pxkern.memory import reused_cpu_memory
 from pxkern.models import cifar_resnet
-from pxkern.px.fused import plans_reused
 from pxkern.pruning import prune_rounds
+from pxkern.px.fused import cached_plan, plans_reused
+from pxkern.px.program import plan_raw_scores
+from pxkern.px.scaled import stream_layout
+from pxkern.weights import last_linear_name, prunable_weights, resolve_masks
 
 # Dispatcher names (without overload) of the calls an exact evaluation of the streams
 # cannot skip: every convolution goes through aten::convolution, whichever kernel
@@ -104,14 +109,23 @@ def masks_at_rounds(model, x, rounds: list[int], total: int, density: float) -> 
 
 
 def round_row(model, x, round_index: int, masks, repeats: int) -> dict:
-    """One round's scoring time, its calls replayed from C++ (all; the kernels), and the
-    split into kernels, small ops and Python."""
-    def score():
-        px_scores(model, x, masks=masks)
+    """One round's scoring on the Python plan and on its program, the Python plan's calls
+    replayed from C++ (all; the kernels), and the split into kernels, small ops and
+    Python; the program's own overhead is its time less all the calls replayed."""
+    weights = prunable_weights(model)
+    plan = cached_plan(model, weights, {last_linear_name(model)}, "cpp")
+    masks = resolve_masks(weights, masks)
+    batch = x.contiguous(memory_format=stream_layout(x))
 
-    scoring = median_seconds(score, warmup=2, repeats=repeats)
+    def python_plan():
+        plan.raw_scores([batch], masks, weights)
+
+    def program():
+        plan_raw_scores(plan, [batch], masks, weights)
+
+    times = interleaved_medians({"plan": python_plan, "program": program}, warmup=2, repeats=repeats)
     with _Calls() as recorder:
-        score()
+        python_plan()
     replay = _call_replay()
     every_call = replay.prepare([call[:4] for call in recorder.calls])
     kernel_calls = replay.prepare([call[:4] for call in recorder.calls if call[4]])
@@ -121,18 +135,21 @@ def round_row(model, x, round_index: int, masks, repeats: int) -> dict:
         for name, calls in (("all", every_call), ("kernels", kernel_calls)):
             replay.run(calls)  # warm-up
             replayed[name] = statistics.median(replay.run(calls) for _ in range(repeats))
+    scoring = times["plan"]
     return {
         "round": round_index, "calls": len(recorder.calls), "kernel_calls": sum(call[4] for call in recorder.calls),
-        "scoring_ms": scoring * 1e3, "all_calls_ms": replayed["all"] * 1e3, "kernels_ms": replayed["kernels"] * 1e3,
-        "small_ops_ms": (replayed["all"] - replayed["kernels"]) * 1e3, "python_ms": (scoring - replayed["all"]) * 1e3,
-        "python_share": (scoring - replayed["all"]) / scoring,
+        "scoring_ms": scoring * 1e3, "program_ms": times["program"] * 1e3, "all_calls_ms": replayed["all"] * 1e3,
+        "kernels_ms": replayed["kernels"] * 1e3, "small_ops_ms": (replayed["all"] - replayed["kernels"]) * 1e3,
+        "python_ms": (scoring - replayed["all"]) * 1e3, "python_share": (scoring - replayed["all"]) / scoring,
+        "program_overhead_ms": (times["program"] - replayed["all"]) * 1e3,
     }
 
 
 COLUMNS = (("round", "round", "d"), ("calls", "calls", "d"), ("kernel_calls", "kernel calls", "d"),
-           ("scoring_ms", "scoring ms", ".1f"), ("all_calls_ms", "all calls from C++ ms", ".1f"),
+           ("scoring_ms", "Python plan ms", ".1f"), ("all_calls_ms", "all calls from C++ ms", ".1f"),
            ("kernels_ms", "kernels from C++ ms", ".1f"), ("small_ops_ms", "small ops ms", ".1f"),
-           ("python_ms", "Python ms", ".1f"), ("python_share", "Python share", ".2f"))
+           ("python_ms", "Python ms", ".1f"), ("python_share", "Python share", ".2f"),
+           ("program_ms", "program ms", ".1f"), ("program_overhead_ms", "program - all calls ms", ".1f"))
 
 
 def main() -> None:
@@ -157,7 +174,8 @@ def main() -> None:
         for r in rounds:
             rows.append(round_row(model, x, r, masks[r], args.repeats))
             print_table(rows[-1:], COLUMNS)
-    print(f"\nResNet-20, B={batch}: a scoring against its calls replayed back to back from C++")
+    print(f"\nResNet-20, B={batch}: a scoring on the Python plan against its calls replayed back to back "
+          f"from C++, and on the plan's program")
     print_table(rows, COLUMNS)
     write_json(args.json, "round_overhead", {"quick": args.quick, "batch": batch, "prune_rounds": total,
                                             "repeats": args.repeats}, rows)

@@ -31,6 +31,9 @@ TORCH_LIBRARY(pxkern, m) {
       "gate_streams(Tensor a, Tensor b, Tensor? a_residual, Tensor? b_residual, "
       "float b_residual_scale, bool relu, Tensor(a!) a_out, Tensor(b!) b_out) -> Tensor");
   m.def(
+      "plan_scores(Tensor[] batches, int[] program, int[] geometry, Tensor?[] layers, "
+      "Tensor?[] kept, int[] choices, int true_scale_range) -> (Tensor[], Tensor)");
+  m.def(
       "bsr_px_scores(Tensor values, Tensor row_offsets, Tensor column_indices, int[2] shape, "
       "Tensor grad_out, Tensor inputs) -> Tensor");
 }

@@ -38,15 +38,16 @@ def test_bench_px_scores_breakdown_accounts_for_every_round(tmp_path):
     report = json.loads(out_json.read_text())
     rows = report["rows"]
     assert [row["round"] for row in rows] == [1, 2, 3]
-    # ResNet-20 on the CPU scores on the fused plan: its stages ran (their profiler ranges
-    # were found), the stream path's did not, and the parts add up to the round.
-    ran, idle = ("forward", "backward", "setup", "select"), ("A", "B", "C")
+    # ResNet-20 on the CPU scores on the fused plan's program: its stage ran (its profiler
+    # range was found), the Python plan's and the stream path's did not, and the parts add
+    # up to the round.
+    ran, idle = ("program", "setup", "select"), ("forward", "backward", "A", "B", "C")
     for row in rows:
         assert all(row[f"{stage}_ms"] > 0 for stage in ran), row
         assert all(row[f"{stage}_ms"] == 0 for stage in idle), row
         parts = sum(row[f"{stage}_per_forward"] for stage in ran)
         assert row["round_per_forward"] == pytest.approx(parts)
-    assert "plan forward" in result.stdout and "stream A" not in result.stdout and "mean" in result.stdout
+    assert "plan program" in result.stdout and "stream A" not in result.stdout and "mean" in result.stdout
     # Every kernel group was found in the profile, and the kernels are part of the prune.
     summary = report["summary"]
     assert set(summary["kernel_seconds"]) == {"A and B convolutions", "C convolutions", "ReLU gates"}
@@ -73,6 +74,8 @@ def test_bench_round_overhead_quick_splits_each_round(tmp_path):
         assert 0 < row["kernels_ms"] < row["all_calls_ms"] and 0 < row["scoring_ms"], row
         assert row["small_ops_ms"] == pytest.approx(row["all_calls_ms"] - row["kernels_ms"])
         assert row["python_ms"] == pytest.approx(row["scoring_ms"] - row["all_calls_ms"])
+        assert row["program_ms"] > 0
+        assert row["program_overhead_ms"] == pytest.approx(row["program_ms"] - row["all_calls_ms"])
 
 
 def test_bench_bsr_quick_writes_json_and_plot(tmp_path):

@@ -75,8 +75,10 @@ _NORMALIZATIONS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 # Profiler ranges (``torch.profiler``): the data pass, which runs streams A, B and (on
-# the first batch) C's forward layer by layer, and C's backward, which leaves the scores.
-PLAN_LABELS = {"forward": "pxkern::plan_forward", "backward": "pxkern::plan_backward"}
+# the first batch) C's forward layer by layer, and C's backward, which leaves the scores;
+# or both in the one call of the plan's lowered program (:mod:`pxkern.px.program`).
+PLAN_LABELS = {"forward": "pxkern::plan_forward", "backward": "pxkern::plan_backward",
+               "program": "pxkern::plan_program"}
 
 
 class UnsupportedByPlan(Exception):
@@ -179,6 +181,9 @@ class FusedPlan:
     backend: str  # of the fused ops
     # "cpp" only: a ReLU -> the residual add before it, run together (the add is absorbed)
     gated_sums: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    # "cpp" only: the plan lowered to one C++ call (pxkern.px.program) per batch shape,
+    # None where it does not lower
+    programs: dict[tuple, Any] = field(default_factory=dict)
 
     @property
     def relu_streams(self) -> Callable[[StreamValues], StreamValues]:

@@ -25,6 +25,7 @@ from pxkern.px.scaled import Exponents, ScaledSum, largest_magnitude, stream_lay
 from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.px.folding import FoldMismatch, FoldPlan, new_folding, plan_for, remember_plan
 from pxkern.px.fused import FusedPlan, UnsupportedByPlan, cached_plan, reusing_plans
+from pxkern.px.program import plan_raw_scores
 from pxkern.px.streams import (
     KERNEL_DTYPE,
     LeftTrueScale,
@@ -129,7 +130,7 @@ def px_scores(
         plan = _fused_plan(model, weights, keep, bn, dtype, backend)
         if plan is not None:
             try:
-                return _finished(_float32_scores(plan.raw_scores(batches, mask_values, weights)),
+                return _finished(_float32_scores(plan_raw_scores(plan, batches, mask_values, weights)),
                                  block, mask_values)
             except LeftTrueScale:
                 pass  # stream A left float32's safe range: the stream path scales it
