@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import pxkern.ops.measured_choice
 import pxkern.px.program
 import zoo
 from pxkern import px_scores
@@ -64,6 +65,21 @@ def test_program_equals_the_python_plan(name, density):
     counts = [int(masks[layer.group.weight.name].count_nonzero()) for layer in program.layers]
     assert all(layer.choices(count) is not None for layer, count in zip(program.layers, counts) if count)
     _assert_equal_scores(program.raw_scores([batch], masks, weights), expected)
+
+
+@pytest.mark.parametrize("density", [None, 0.3, 0.05])
+def test_program_measures_the_choices_it_has_not_seen_as_the_plan_would(monkeypatch, density):
+    # With no kernel measured yet the program measures its layers' choices itself; the
+    # Python plan then finds them all under its own keys, so both run the same kernels.
+    monkeypatch.setattr(pxkern.ops.measured_choice, "_CHOICES", {})
+    _, _, masks, weights, plan, program, batch = _setup("resnet20", density)
+    masks = resolve_masks(weights, masks)
+    actual = program.raw_scores([batch], masks, weights)
+    assert actual is not None
+    measured = {key: dict(levels) for key, levels in pxkern.ops.measured_choice._CHOICES.items()}
+    expected = plan.raw_scores([batch], masks, weights)
+    assert pxkern.ops.measured_choice._CHOICES == measured
+    _assert_equal_scores(actual, expected)
 
 
 def test_program_of_several_batches_equals_the_python_plan():

@@ -35,7 +35,7 @@ accept any memory format; the Triton kernels are laid out for channels-last and 
 channels-last outputs. No autograd formula: the backward is explicit.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,10 @@ from pxkern.ops.sparse_conv2d import (
     with_ones_scale,
 )
 
-__all__ = ["known_backward_choices", "known_forward_choices", "px_conv2d_backward", "px_conv2d_forward"]
+__all__ = [
+    "known_backward_choices", "known_forward_choices", "measure_forward_choices", "px_conv2d_backward",
+    "px_conv2d_forward",
+]
 
 _OP = "px_conv2d"
 
@@ -465,20 +468,42 @@ def _split_key(g_pre: Tensor, h: Tensor, weight_shape: Sequence[int], padding: S
             tuple(weight_shape), tuple(padding), h.dtype, torch.get_num_threads())
 
 
+def _forward_choices(x: Tensor, h: Tensor, density: float,
+                     sparse: Callable[[Tensor, bool, float], bool | None]) -> tuple[bool, bool, bool, bool] | None:
+    """The kernels :func:`_forward_cpp` runs for inputs like ``x`` (A's, B's) and ``h``
+    (C's) and a mask of ``density`` (0 < density <= 1): A sparse, B as the mask's
+    complement, B sparse, C sparse; ``sparse(input, complement, density)`` says whether a
+    convolution of ``input`` with a weight of the mask's zeros (of its complement's, with
+    ``ones_scale``) runs sparse, None if unknown. None if any is unknown."""
+    complement = density > 1 - MAX_SPARSE_DENSITY
+    a_sparse = sparse(x, False, density)
+    b_sparse = sparse(x, True, 1 - density) if complement else a_sparse
+    choices = (a_sparse, complement, b_sparse, sparse(h, False, density))
+    return None if None in choices else choices
+
+
 def known_forward_choices(x: Tensor, h: Tensor, weight_shape: Sequence[int], stride: list[int],
                           padding: list[int], density: float) -> tuple[bool, bool, bool, bool] | None:
-    """The kernels :func:`_forward_cpp` would run for inputs like ``x`` (A's, B's) and
-    ``h`` (C's, float64) and a mask of ``density`` (0 < density <= 1), if measured: A
-    sparse, B as the mask's complement, B sparse, C sparse; None where it would time."""
-    complement = density > 1 - MAX_SPARSE_DENSITY
-    a_sparse = known_sparse_choice(x, weight_shape, stride, padding, density)
-    if complement:
-        b_sparse = known_sparse_choice(x, weight_shape, stride, padding, 1 - density, with_ones_scale=True)
-    else:
-        b_sparse = a_sparse
-    c_sparse = known_sparse_choice(h, weight_shape, stride, padding, density)
-    choices = (a_sparse, complement, b_sparse, c_sparse)
-    return None if None in choices else choices
+    """:func:`_forward_choices` as measured so far (meta tensors will do for ``x``, ``h``)."""
+    def known(t: Tensor, complement: bool, d: float) -> bool | None:
+        return known_sparse_choice(t, weight_shape, stride, padding, d, with_ones_scale=complement)
+
+    return _forward_choices(x, h, density, known)
+
+
+def measure_forward_choices(x: Tensor, h: Tensor, mask: Tensor, stride: list[int], padding: list[int],
+                            density: float) -> None:
+    """Measures :func:`_forward_choices` not measured yet, on ``x`` and ``h`` (zeros will
+    do: the kernels' times do not depend on the values) and weights with ``mask``'s zeros:
+    the streams' weights share them."""
+    def measured(t: Tensor, complement: bool, d: float) -> bool:
+        pattern = mask.to(t.dtype)
+        if not complement:
+            return prefer_sparse_conv2d(t, pattern, stride, padding, 1, 1, d)
+        ones = torch.ones(mask.shape[0], dtype=t.dtype, device=t.device)
+        return prefer_sparse_conv2d(t, pattern - 1, stride, padding, 1, 1, d, ones)
+
+    _forward_choices(x, h, density, measured)
 
 
 def known_backward_choices(g: Tensor, h: Tensor, weight_shape: Sequence[int], stride: list[int],

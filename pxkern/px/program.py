@@ -31,7 +31,12 @@ from torch import fx, nn
 from torch.profiler import record_function
 
 from pxkern._extension import EXTENSION_AVAILABLE
-from pxkern.ops.px_conv2d import known_backward_choices, known_forward_choices, px_conv2d_backward, px_conv2d_forward
+from pxkern.ops.px_conv2d import (
+    known_backward_choices,
+    known_forward_choices,
+    measure_forward_choices,
+    px_conv2d_backward,
+)
 from pxkern.px.fused import PLAN_LABELS, FusedPlan, LayerGroup, UnsupportedByPlan
 from pxkern.px.scaled import stream_layout
 from pxkern.px.streams import TRUE_SCALE_RANGE, LeftTrueScale
@@ -70,20 +75,19 @@ class _ConvLayer:
         backward = known_backward_choices(self.g, self.h, shape, self.stride, self.padding, density)
         return None if forward is None or backward is None else [*map(int, forward), *map(int, backward)]
 
-    def measure(self, mask: torch.Tensor) -> None:
-        """Runs the layer's ops on zeros shaped like its inputs, which measures the
-        kernel choices at ``mask``'s density."""
+    def measure(self, mask: torch.Tensor, count: int) -> None:
+        """Measures the kernel choices at ``mask`` (``count`` nonzeros) not measured yet,
+        on zeros shaped like the layer's inputs (the kernels' times do not depend on the
+        values), as ``px_conv2d`` would have measured them in the Python plan."""
         def zeros(like: torch.Tensor) -> torch.Tensor:
             return torch.zeros_like(like, device="cpu")
 
-        x, h = zeros(self.x), zeros(self.h)
-        weight, bias = self.group.weight.param.detach(), self.group.module.bias
-        bias = None if bias is None else bias.detach()
-        scale, shift = self.group.affine(torch.float64)
-        geometry = {"stride": self.stride, "padding": self.padding, "backend": "cpp"}
+        h = zeros(self.h)
+        density = count / mask.numel()
         with torch.no_grad():
-            px_conv2d_forward(x, x, h, weight, mask, bias, scale, shift, relu=self.group.relu, **geometry)
-            px_conv2d_backward(zeros(self.g), h, weight, mask, **geometry)
+            measure_forward_choices(zeros(self.x), h, mask, self.stride, self.padding, density)
+            px_conv2d_backward(zeros(self.g), h, self.group.weight.param.detach(), mask, stride=self.stride,
+                               padding=self.padding, backend="cpp")
 
 
 @dataclass
@@ -113,7 +117,7 @@ class Program:
                 continue
             choices = layer.choices(count)
             if choices is None:
-                layer.measure(mask)
+                layer.measure(mask, count)
                 choices = layer.choices(count)
             if choices is None:
                 return None
@@ -141,7 +145,7 @@ class Program:
             mask = masks[group.weight.name]
             bias = group.module.bias
             scale, shift = group.affine(torch.float64)
-            layer_tensors += [group.weight.param.detach(), None if count == mask.numel() else mask.to(torch.bool),
+            layer_tensors += [group.weight.param.detach(), None if count == mask.numel() else mask,
                               None if bias is None else bias.detach(), scale, shift]
         kept_tensors = []
         for kept in self.kept:
