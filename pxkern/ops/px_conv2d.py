@@ -451,9 +451,8 @@ def _backward_cpp(
         g_in, grad_path = split() if split_faster else gradients(True)
     else:
         g_in, grad_path = gradients(True)
-    scores = grad_path.abs_().mul_(w).mul_(w)
-    if mask is not None:
-        scores.mul_(mask)
+    # |G| W**2 M, with W**2 M = (W M)**2 (M is 0/1): the kernel weight.
+    scores = grad_path.abs_().mul_(kernel_weight)
     return g_in.to(h.dtype), scores
 
 

@@ -53,7 +53,8 @@ struct Streams {
 
 // What C's backward needs of a step, kept from the first batch.
 struct Saved {
-  at::Tensor kernel_scale;  // conv: the factors between C's input and the weight
+  at::Tensor kernel_scale;   // conv: the factors between C's input and the weight
+  at::Tensor kernel_weight;  // conv: (W M)**2 in float64, undefined if pruned away
   double first_factor = 1, second_factor = 1;  // sums: the cotangent's factor per input
   int64_t c_shift = 0;                         // kept Linear: the output's normalizing shift
 };
@@ -281,8 +282,9 @@ class Program {
       const int64_t sc = normalizing_shift(t.c, t.c_peak);
       out.c_exponent = t.c_exponent + sc;
       const double h_scale = pow2(-sc);
-      out.c = kernel_stream(t.c, masked, bias, scale, shift, h_scale, pow2(-out.c_exponent), stride, padding,
-                            pruned_away, choice[4]);
+      std::tie(out.c, saved.kernel_weight) = kernel_stream(t.c, masked, bias, scale, shift, h_scale,
+                                                           pow2(-out.c_exponent), stride, padding, pruned_away,
+                                                           choice[4]);
       out.c_peak = exponent_of(out.c.abs().amax().item<double>());
       if (scale)
         saved.kernel_scale = *scale * h_scale;
@@ -321,8 +323,9 @@ class Program {
     return conv(u, mask->to(u.scalar_type()) * per_output(factor), bias, stride, padding, sparse);
   }
 
-  // px_conv2d._kernel_stream_cpp: C in float64, weight masked**2 with the affine folded in.
-  static at::Tensor kernel_stream(const at::Tensor& h, const at::Tensor& masked, const OptionalTensor& bias,
+  // px_conv2d._kernel_stream_cpp: C in float64, weight masked**2 with the affine folded in;
+  // and masked**2 itself, the backward's kernel weight.
+  static std::pair<at::Tensor, at::Tensor> kernel_stream(const at::Tensor& h, const at::Tensor& masked, const OptionalTensor& bias,
                                   const OptionalTensor& scale, const OptionalTensor& shift, double h_scale,
                                   double h_offset_scale, at::IntArrayRef stride, at::IntArrayRef padding,
                                   bool pruned_away, bool sparse) {
@@ -333,11 +336,11 @@ class Program {
       const int64_t out_h = (h.size(2) + 2 * padding[0] - masked.size(2)) / stride[0] + 1;
       const int64_t out_w = (h.size(3) + 2 * padding[1] - masked.size(3)) / stride[1] + 1;
       at::Tensor c = at::zeros({h.size(0), masked.size(0), out_h, out_w}, h.options());
-      return c_bias ? c.add_(per_channel(*c_bias)) : c;
+      return {c_bias ? c.add_(per_channel(*c_bias)) : c, at::Tensor()};
     }
-    at::Tensor kernel_weight = masked.to(at::kDouble).square();
-    kernel_weight = scale ? kernel_weight * per_output(*scale * h_scale) : kernel_weight * h_scale;
-    return conv(h, kernel_weight, c_bias, stride, padding, sparse);
+    const at::Tensor kernel_weight = masked.to(at::kDouble).square();
+    const at::Tensor scaled = scale ? kernel_weight * per_output(*scale * h_scale) : kernel_weight * h_scale;
+    return {conv(h, scaled, c_bias, stride, padding, sparse), kernel_weight};
   }
 
   // px_conv2d._pruned_away_streams: A and B of an all-zero mask are their per-channel
@@ -498,7 +501,7 @@ class Program {
       const at::Tensor& c_in = kernel_values_[in[1]];
       switch (in[0]) {
         case kConv: {
-          auto [g_in, scores] = conv_backward(g, c_in, in[3], saved.kernel_scale);
+          auto [g_in, scores] = conv_backward(g, c_in, in[3], saved);
           layer_scores[in[3]] = scores;
           flow(in[1], g_in);
           break;
@@ -541,18 +544,17 @@ class Program {
     return all_scores(std::move(layer_scores), std::move(kept_scores));
   }
 
-  // px_conv2d._backward_cpp: C's input gradient and the layer's scores |G| W**2 M.
+  // px_conv2d._backward_cpp: C's input gradient and the layer's scores |G| W**2 M, with
+  // W**2 M = (W M)**2, the kernel weight the forward kept.
   std::pair<at::Tensor, at::Tensor> conv_backward(const at::Tensor& g, const at::Tensor& h, int64_t index,
-                                                  const at::Tensor& kernel_scale) const {
+                                                  const Saved& saved) const {
     const at::Tensor& weight = *layer(index, 0);
-    const OptionalTensor& mask = layer(index, 1);
     const int64_t* geometry = layer_geometry(index);
     const int64_t stride[2] = {geometry[2], geometry[3]}, padding[2] = {geometry[4], geometry[5]};
     const int64_t* choice = layer_choices(index);
     if (choice[0]) return {at::zeros_like(h), at::zeros(weight.sizes(), h.options())};
-    const at::Tensor w = weight.to(at::kDouble);
-    const at::Tensor masked = mask ? w * *mask : w;
-    const at::Tensor kernel_weight = masked * masked;
+    const at::Tensor& kernel_weight = saved.kernel_weight;
+    const at::Tensor& kernel_scale = saved.kernel_scale;
     const at::Tensor g_pre = kernel_scale.defined() ? g * per_channel(kernel_scale) : g;
     const int64_t unit[2] = {1, 1}, none[2] = {0, 0};
     auto gradients = [&](bool input_gradient) {
@@ -569,9 +571,7 @@ class Program {
     } else {
       std::tie(g_in, grad_path, std::ignore) = gradients(true);
     }
-    at::Tensor scores = grad_path.abs_().mul_(w).mul_(w);
-    if (mask) scores.mul_(*mask);
-    return {g_in, scores};
+    return {g_in, grad_path.abs_().mul_(kernel_weight)};
   }
 
   at::IntArrayRef program_, geometry_;
