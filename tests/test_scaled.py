@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pxkern.px.scaled import largest_magnitude, magnitude_exponent
+from pxkern.px.scaled import largest_magnitude, largest_nonnegative, magnitude_exponent
 
 
 def _tensors(kind: str, poison: float | None = None) -> list[torch.Tensor]:
@@ -56,6 +56,26 @@ def test_largest_magnitude_reports_non_finite_values(kind, bad):
 def test_largest_magnitude_of_nothing_is_zero():
     assert largest_magnitude([]) == 0.0
     assert largest_magnitude([torch.empty(0, 3)]) == 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_largest_nonnegative_matches_max(kind):
+    tensors = [t.abs() for t in _tensors(kind)]
+    expected = max(float(t.double().max()) for t in tensors if t.numel())
+    assert largest_nonnegative(tensors) == expected
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_largest_nonnegative_reports_non_finite_values(bad):
+    tensors = [torch.rand(5, dtype=torch.float64), torch.rand(3, 3, dtype=torch.float64)]
+    tensors[1][1, 2] = bad
+    peak = largest_nonnegative(tensors)
+    assert math.isnan(peak) if math.isnan(bad) else peak == math.inf
+
+
+def test_largest_nonnegative_of_nothing_is_zero():
+    assert largest_nonnegative([]) == 0.0
+    assert largest_nonnegative([torch.empty(0, 3)]) == 0.0
 
 
 @pytest.mark.parametrize("value, exponent", [(1.0, 1), (0.75, 0), (-3.0, 2), (2.0 ** -30, -29)])

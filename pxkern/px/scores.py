@@ -21,7 +21,7 @@ from pxkern.backend import BACKENDS, choose_backend
 from pxkern.data import iter_batches
 from pxkern.evaluation import batchnorm_buffer_copies, check_bn_mode, model_state_restored, unit_prune_masks
 from pxkern.memory import reused_cpu_memory
-from pxkern.px.scaled import Exponents, ScaledSum, largest_magnitude, stream_layout
+from pxkern.px.scaled import Exponents, ScaledSum, largest_magnitude, largest_nonnegative, stream_layout
 from pxkern.pruning.blocks import block_mean_scores, check_block
 from pxkern.px.folding import FoldMismatch, FoldPlan, new_folding, plan_for, remember_plan
 from pxkern.px.fused import FusedPlan, UnsupportedByPlan, cached_plan, reusing_plans
@@ -280,7 +280,7 @@ def _exponent(largest: float) -> int:
 def _float32_scores(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Float64 scores (``>= 0``) up to a global factor, as float32 with the largest equal
     to 1: divided by the largest in float64 (which makes it exactly 1), rounded once."""
-    largest = largest_magnitude(raw.values())
+    largest = largest_nonnegative(raw.values())
     _check_finite(largest)
     if largest == 0:
         return {name: s.float() for name, s in raw.items()}
