@@ -40,7 +40,10 @@ def model_state_restored(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for m, flag in training:
-            m.training = flag
+            # Only where it changed: nn.Module.__setattr__ costs microseconds, and a prune
+            # restores the flags of every module in every round.
+            if m.training != flag:
+                m.training = flag
         for m, name, value in pruned:
             if value is None:
                 m.__dict__.pop(name, None)
