@@ -142,6 +142,44 @@ def test_a_choice_left_unknown_scores_on_the_python_plan(monkeypatch):
     _assert_equal_scores(plan_raw_scores(plan, [batch], masks, weights), expected)
 
 
+class _Branchy(nn.Module):
+    """Every other instruction of a program: a conv group with BatchNorm and no ReLU,
+    max pooling, a ReLU of its own, a sum without a ReLU after it, biased convolutions,
+    functional adaptive pooling, Dropout and nn.Flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2, self.conv3 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.drop, self.flat, self.fc = nn.Dropout(0.5), nn.Flatten(), nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.pool(self.bn1(self.conv1(x))))
+        z = torch.nn.functional.adaptive_avg_pool2d(self.conv2(y) + self.conv3(y), 2)
+        return self.fc(self.flat(self.drop(z)))
+
+
+@pytest.mark.parametrize("density", [None, 0.5])
+def test_program_of_every_instruction_equals_the_python_plan_and_the_reference(density):
+    model, x = _Branchy().eval(), torch.randn(4, 3, 8, 8)
+    zoo.randomize_norms(model)
+    masks = zoo.random_masks(model, density) if density else None
+    weights = prunable_weights(model)
+    plan = build_plan(model, weights, {last_linear_name(model)}, "cpp")
+    batch = x.contiguous(memory_format=stream_layout(x))
+    program = lower(plan, batch)
+    opcodes = set(program.instructions[::pxkern.px.program.WIDTH])
+    assert opcodes == {pxkern.px.program.CONV, pxkern.px.program.GATE, pxkern.px.program.ADD,
+                       pxkern.px.program.ADAPTIVE_AVG_POOL, pxkern.px.program.FLATTEN,
+                       pxkern.px.program.KEPT_LINEAR, pxkern.px.program.MAX_POOL}
+    resolved = resolve_masks(weights, masks)
+    expected = plan.raw_scores([batch], resolved, weights)
+    actual = program.raw_scores([batch], resolved, weights)
+    _assert_equal_scores(actual, expected)
+    assert_scores_close(actual, reference_px_scores(model, x, masks=masks), rel=1e-4)
+
+
 class _AveragePooled(nn.Module):
     """Conv-BN-ReLU, nn.AvgPool2d, flatten, Linear: the plan runs it, no program does."""
 

@@ -104,7 +104,6 @@ class Program:
     geometry: list[int]
     layers: list[_ConvLayer]
     kept: list[_Kept]
-    batch: torch.Tensor  # meta, like the batches it runs
 
     def choices(self, counts: list[int], masks: list[torch.Tensor]) -> list[int] | None:
         """The kernel choices of every conv layer at ``masks`` with ``counts`` nonzeros.
@@ -244,7 +243,7 @@ def lower(plan: FusedPlan, x: torch.Tensor) -> Program:
             result = node.args[0]
             if not isinstance(result, fx.Node) or values[result].slot != len(instructions) // WIDTH:
                 raise UnsupportedByPlan("an output that is not the last step's value")
-            return Program(instructions, geometry, layers, kept, _meta(x.shape, x.dtype, layout))
+            return Program(instructions, geometry, layers, kept)
         if node in plan.absorbed and node not in plan.groups:
             continue
         if node.op == "placeholder":
