@@ -325,10 +325,11 @@ class Program {
 
   // px_conv2d._kernel_stream_cpp: C in float64, weight masked**2 with the affine folded in;
   // and masked**2 itself, the backward's kernel weight.
-  static std::pair<at::Tensor, at::Tensor> kernel_stream(const at::Tensor& h, const at::Tensor& masked, const OptionalTensor& bias,
-                                  const OptionalTensor& scale, const OptionalTensor& shift, double h_scale,
-                                  double h_offset_scale, at::IntArrayRef stride, at::IntArrayRef padding,
-                                  bool pruned_away, bool sparse) {
+  static std::pair<at::Tensor, at::Tensor> kernel_stream(const at::Tensor& h, const at::Tensor& masked,
+                                                         const OptionalTensor& bias, const OptionalTensor& scale,
+                                                         const OptionalTensor& shift, double h_scale,
+                                                         double h_offset_scale, at::IntArrayRef stride,
+                                                         at::IntArrayRef padding, bool pruned_away, bool sparse) {
     OptionalTensor c_bias = folded_bias(bias ? OptionalTensor(bias->to(at::kDouble).square()) : std::nullopt,
                                         scale, shift);
     if (c_bias) c_bias = *c_bias * h_offset_scale;
