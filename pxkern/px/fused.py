@@ -578,13 +578,14 @@ def plans_reused() -> Iterator[None]:
 
 
 def _structure(model: nn.Module, kept_modules: set[str], backend: str) -> tuple:
-    """What a plan depends on besides parameter values, as a comparable key."""
+    """What a plan depends on besides parameter values, as a comparable key: each module
+    with its forward, hooks and the identities of its own parameters and buffers, from
+    one walk of the modules (a prune computes it every round)."""
     return (
         backend, tuple(sorted(kept_modules)),
         tuple((name, id(m), type(m).forward, m.__dict__.get("forward"), len(m._forward_hooks),
-               len(m._forward_pre_hooks)) for name, m in model.named_modules()),
-        tuple((name, id(t)) for name, t in model.named_parameters()),
-        tuple((name, id(t)) for name, t in model.named_buffers()),
+               len(m._forward_pre_hooks), tuple((k, id(t)) for k, t in m._parameters.items()),
+               tuple((k, id(t)) for k, t in m._buffers.items())) for name, m in model.named_modules()),
     )
 
 
