@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-__all__ = ["known_choice", "second_is_faster"]
+__all__ = ["density_level", "known_choice", "second_is_faster"]
 
 # key -> {level: whether the second was faster}
 _CHOICES: dict[Hashable, dict[int, bool]] = {}
@@ -44,11 +44,17 @@ def second_is_faster(key: Hashable, first: Callable[[], object], second: Callabl
     return choices[level]
 
 
+def density_level(density: float) -> int:
+    """The level of a weight density, in tenths: the callers' second kernels skip zeros,
+    so their time grows with it while the first's (a dense kernel) does not."""
+    return round(density * 10)
+
+
 def known_choice(key: Hashable, level: int = 0) -> bool | None:
     """What :func:`second_is_faster` answers at ``level`` of ``key`` without timing (its
     measurement there, or what the measured levels imply), or None if it would time. The
     compiled program of the fused plan (``pxkern.px.program``) looks its kernels up here
-    and leaves a round it would have to time to the Python plan, which times it."""
+    and measures what is not known yet."""
     choices = _CHOICES.get(key, {})
     return choices[level] if level in choices else _implied(choices, level)
 

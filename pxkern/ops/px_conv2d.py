@@ -49,7 +49,7 @@ from pxkern.ops.px_layer_common import (
     check_forward_arguments,
     without_b_peak,
 )
-from pxkern.ops.measured_choice import known_choice, second_is_faster
+from pxkern.ops.measured_choice import density_level, known_choice, second_is_faster
 from pxkern.ops.sparse_conv2d import (
     MAX_SPARSE_DENSITY,
     known_sparse_choice,
@@ -207,6 +207,11 @@ def _measured_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[
     return F.conv2d(x, with_ones_scale(weight, ones_scale), bias, stride, padding)
 
 
+def _b_as_complement(density: float) -> bool:
+    """Whether stream B runs a mask of ``density`` as its complement (see :func:`_mask_conv`)."""
+    return density > 1 - MAX_SPARSE_DENSITY
+
+
 def _mask_conv(u: Tensor, mask: Tensor | None, weight_shape: torch.Size, factor: Tensor, bias: Tensor | None,
                stride: list[int], padding: list[int], density: float) -> Tensor:
     """Stream B's convolution, of weight ``mask * factor`` (``factor`` per output channel;
@@ -217,7 +222,7 @@ def _mask_conv(u: Tensor, mask: Tensor | None, weight_shape: torch.Size, factor:
     ResNet-20's 16-channel 32x32 layers at B=128 and the masks of a prune's first 30
     rounds (0.98-0.78 dense). ``(M - 1) f`` is exact, and the complement's sum is within
     float32 rounding of the dense one for masks at least half ones."""
-    if density > 1 - MAX_SPARSE_DENSITY:
+    if _b_as_complement(density):
         complement = (torch.zeros(weight_shape, dtype=u.dtype, device=u.device) if mask is None
                       else (mask.to(u.dtype) - 1).mul_(_per_output(factor)))
         return _measured_conv(u, complement, bias, stride, padding, 1 - density, factor)
@@ -447,7 +452,7 @@ def _backward_cpp(
 
         # ATen's time does not depend on the density; the split's convolution skips zeros.
         split_faster = second_is_faster(_split_key(g_pre, h_acc, weight.shape, padding), lambda: gradients(True),
-                                        split, level=round(density * 10))
+                                        split, level=density_level(density))
         g_in, grad_path = split() if split_faster else gradients(True)
     else:
         g_in, grad_path = gradients(True)
@@ -474,7 +479,7 @@ def _forward_choices(x: Tensor, h: Tensor, density: float,
     complement, B sparse, C sparse; ``sparse(input, complement, density)`` says whether a
     convolution of ``input`` with a weight of the mask's zeros (of its complement's, with
     ``ones_scale``) runs sparse, None if unknown. None if any is unknown."""
-    complement = density > 1 - MAX_SPARSE_DENSITY
+    complement = _b_as_complement(density)
     a_sparse = sparse(x, False, density)
     b_sparse = sparse(x, True, 1 - density) if complement else a_sparse
     choices = (a_sparse, complement, b_sparse, sparse(h, False, density))
@@ -514,7 +519,7 @@ def known_backward_choices(g: Tensor, h: Tensor, weight_shape: Sequence[int], st
     full_padding = _full_padding(weight_shape, padding)
     if list(stride) != [1, 1] or min(full_padding) < 0:
         return False, False
-    split = known_choice(_split_key(g, h, weight_shape, padding), round(density * 10))
+    split = known_choice(_split_key(g, h, weight_shape, padding), density_level(density))
     if not split:
         return None if split is None else (False, False)
     flipped_shape = (weight_shape[1], weight_shape[0], *weight_shape[2:])

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pxkern._extension import EXTENSION_AVAILABLE
 from pxkern.backend import choose_backend
-from pxkern.ops.measured_choice import known_choice, second_is_faster
+from pxkern.ops.measured_choice import density_level, known_choice, second_is_faster
 
 __all__ = ["MAX_SPARSE_DENSITY", "known_sparse_choice", "prefer_sparse_conv2d", "sparse_choice_key", "sparse_conv2d",
            "with_ones_scale"]
@@ -164,7 +164,7 @@ def prefer_sparse_conv2d(x: Tensor, weight: Tensor, stride, padding, dilation, g
     def sparse() -> Tensor:
         return sparse_conv2d(x, weight, None, stride, padding, dilation, groups, ones_scale=ones_scale)
 
-    return second_is_faster(key, dense, sparse, level=_level(density))
+    return second_is_faster(key, dense, sparse, level=density_level(density))
 
 
 def _fixed_choice(x: Tensor, density: float, with_ones_scale: bool) -> bool | None:
@@ -174,11 +174,6 @@ def _fixed_choice(x: Tensor, density: float, with_ones_scale: bool) -> bool | No
     if density == 0 and not with_ones_scale:
         return True
     return None
-
-
-def _level(density: float) -> int:
-    # The density is the level: oneDNN's time does not depend on it, the sparse kernel's grows.
-    return round(density * 10)
 
 
 def sparse_choice_key(x: Tensor, weight_shape: Sequence[int], stride, padding, dilation, groups: int,
@@ -199,7 +194,8 @@ def known_sparse_choice(x: Tensor, weight_shape: Sequence[int], stride, padding,
     fixed = _fixed_choice(x, density, with_ones_scale)
     if fixed is not None:
         return fixed
-    return known_choice(sparse_choice_key(x, weight_shape, stride, padding, 1, 1, with_ones_scale), _level(density))
+    return known_choice(sparse_choice_key(x, weight_shape, stride, padding, 1, 1, with_ones_scale),
+                        density_level(density))
 
 
 if EXTENSION_AVAILABLE:
