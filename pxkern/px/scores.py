@@ -252,7 +252,7 @@ def _finished(scores: dict[str, torch.Tensor], block, masks) -> dict[str, torch.
 
 def _divided_by_largest(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Divide every score (``>= 0``, in place) by the largest one, so that it becomes 1."""
-    top = largest_magnitude(scores.values())
+    top = largest_nonnegative(scores.values())
     return {name: s.div_(top) if top > 0 else s for name, s in scores.items()}
 
 
